@@ -1,0 +1,207 @@
+"""One typed settings object for every component of linrec-stream.
+
+Values are layered, later layers winning:
+
+1. the defaults below,
+2. an optional TOML file (``--config PATH`` or ``LINREC_CONFIG``), flat ``name = value`` pairs,
+3. environment variables ``LINREC_<NAME>`` (upper case),
+4. command-line flags (``--set name=value`` and the CLI's named flags).
+
+Every value is parsed and checked when the settings are built; a wrong value raises
+:class:`SettingsError` with a one-line message that names the setting and where it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+ENV_PREFIX = "LINREC_"
+CONFIG_ENV = "LINREC_CONFIG"
+
+
+class SettingsError(ValueError):
+    """A setting has a wrong value, an unknown name, or its file cannot be read."""
+
+
+def _check_port(value: int) -> None:
+    if not 1 <= value <= 65535:
+        raise ValueError(f"a TCP port is 1..65535, got {value}")
+
+
+def _check_positive(value: int | float) -> None:
+    if value <= 0:
+        raise ValueError(f"must be > 0, got {value}")
+
+
+def _check_topic(value: str) -> None:
+    # Kafka's own rule: 1..249 chars of [a-zA-Z0-9._-].
+    ok = 0 < len(value) <= 249 and all(c.isascii() and (c.isalnum() or c in "._-") for c in value)
+    if not ok:
+        raise ValueError(f"a Kafka topic name is 1-249 characters of letters, digits, '.', '_' or '-', got {value!r}")
+
+
+def _check_heap(value: str) -> None:
+    if not (value[:-1].isdigit() and value[-1].lower() in "mg"):
+        raise ValueError(f"a JVM heap size such as 512m or 1g, got {value!r}")
+
+
+def _check_device(value: str) -> None:
+    if value not in ("auto", "cpu", "cuda") and not value.startswith("cuda:"):
+        raise ValueError(f"one of auto, cpu, cuda, cuda:N, got {value!r}")
+
+
+def _setting(default: Any, doc: str, check: Callable[[Any], None] | None = None) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of linrec-stream. Paths are resolved against the working directory."""
+
+    # --- Kafka client side -------------------------------------------------------------
+    bootstrap_servers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated")
+    # --- the local broker that `linrec-stream kafka start` runs ---------------------------
+    kafka_port: int = _setting(9092, "local broker's client port on 127.0.0.1", _check_port)
+    kafka_controller_port: int = _setting(9093, "local broker's KRaft controller port on 127.0.0.1", _check_port)
+    kafka_version: str = _setting("4.3.1", "Apache Kafka version fetched from Maven Central")
+    kafka_heap: str = _setting("512m", "maximum JVM heap of the local broker", _check_heap)
+    kafka_start_timeout_s: float = _setting(90.0, "seconds to wait for the local broker to answer", _check_positive)
+    kafka_cache_dir: Path = _setting(
+        Path("~/.cache/linrec-stream/kafka"), "where the broker's jars are cached (shared by checkouts)"
+    )
+    runtime_dir: Path = _setting(Path(".runtime"), "project-local runtime files: broker data, logs, pid")
+    # --- topics -----------------------------------------------------------------------
+    topic_interactions: str = _setting("interactions", "input events, keyed by user", _check_topic)
+    topic_recommendations: str = _setting("recommendations", "refreshed top-K per user", _check_topic)
+    topic_dead_letter: str = _setting("interactions-dlq", "malformed input with the reason", _check_topic)
+    topic_model_updates: str = _setting("model-updates", "announcements of promoted model versions", _check_topic)
+    interactions_partitions: int = _setting(4, "partitions of the interactions topic", _check_positive)
+    recommendations_partitions: int = _setting(4, "partitions of the recommendations topic", _check_positive)
+    dead_letter_partitions: int = _setting(1, "partitions of the dead-letter topic", _check_positive)
+    interactions_retention_ms: int = _setting(
+        -1, "retention of the interactions topic in ms (-1: forever, so retraining can re-read it)"
+    )
+    # --- data, models, worker -------------------------------------------------------------
+    data_dir: Path = _setting(Path("data"), "where fetched data sets are kept")
+    registry_dir: Path = _setting(Path("models"), "versioned model checkpoints")
+    state_dir: Path = _setting(Path(".runtime/state"), "the worker's rocksdict user-state store")
+    device: str = _setting("auto", "torch device for workers and training: auto, cpu, cuda", _check_device)
+    metrics_port: int = _setting(9464, "Prometheus metrics port of a worker", _check_port)
+
+    # ---------------------------------------------------------------------------------
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def docs(cls) -> list[tuple[str, str, Any]]:
+        """(name, description, default) for the settings reference."""
+        return [(f.name, f.metadata["doc"], f.default) for f in fields(cls)]
+
+    @classmethod
+    def load(
+        cls,
+        config_file: str | Path | None = None,
+        env: Mapping[str, str] | None = None,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> "Settings":
+        """Build settings from defaults, then the file, then ``env`` (default ``os.environ``), then overrides."""
+        env = os.environ if env is None else env
+        values: dict[str, tuple[Any, str]] = {}
+        path = config_file or env.get(CONFIG_ENV)
+        if path:
+            for name, raw in _read_file(Path(path)).items():
+                values[name] = (raw, f"{path}: {name}")
+        known = set(cls.names())
+        for key, raw in env.items():
+            if key.startswith(ENV_PREFIX) and key != CONFIG_ENV:
+                name = key[len(ENV_PREFIX):].lower()
+                if name not in known:
+                    raise SettingsError(f"{key}: unknown setting (known: {', '.join(sorted(known))})")
+                values[name] = (raw, key)
+        for name, raw in (overrides or {}).items():
+            if raw is not None:
+                values[name] = (raw, f"command-line setting {name}")
+        kwargs = {}
+        for name, (raw, origin) in values.items():
+            if name not in known:
+                raise SettingsError(f"{origin}: unknown setting {name!r}")
+            kwargs[name] = _convert(cls._field(name), raw, origin)
+        return cls(**kwargs)
+
+    @classmethod
+    def _field(cls, name: str) -> dataclasses.Field:
+        return next(f for f in fields(cls) if f.name == name)
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+    # --- derived values -------------------------------------------------------------------
+    @property
+    def topics(self) -> dict[str, int]:
+        """Project topic name -> partition count."""
+        return {
+            self.topic_interactions: self.interactions_partitions,
+            self.topic_recommendations: self.recommendations_partitions,
+            self.topic_dead_letter: self.dead_letter_partitions,
+            self.topic_model_updates: 1,
+        }
+
+    @property
+    def local_bootstrap(self) -> str:
+        return f"127.0.0.1:{self.kafka_port}"
+
+    def path(self, p: Path) -> Path:
+        return p.expanduser().resolve()
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError:
+        raise SettingsError(f"settings file {path} does not exist") from None
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise SettingsError(f"settings file {path} cannot be read: {exc}") from None
+    nested = [k for k, v in data.items() if isinstance(v, dict)]
+    if nested:
+        raise SettingsError(f"settings file {path}: expected flat 'name = value' pairs, found table [{nested[0]}]")
+    return data
+
+
+def _convert(f: dataclasses.Field, raw: Any, origin: str) -> Any:
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "Path": Path}[f.type]
+    try:
+        if kind is int:
+            if isinstance(raw, bool) or not isinstance(raw, (int, str)):
+                raise ValueError(f"expected an integer, got {raw!r}")
+            try:
+                value: Any = int(raw)
+            except ValueError:
+                raise ValueError(f"expected an integer, got {raw!r}") from None
+        elif kind is float:
+            if isinstance(raw, bool) or not isinstance(raw, (int, float, str)):
+                raise ValueError(f"expected a number, got {raw!r}")
+            try:
+                value = float(raw)
+            except ValueError:
+                raise ValueError(f"expected a number, got {raw!r}") from None
+        elif kind is Path:
+            if not isinstance(raw, (str, Path)) or str(raw) == "":
+                raise ValueError(f"expected a path, got {raw!r}")
+            value = Path(raw)
+        else:
+            if not isinstance(raw, str):
+                raise ValueError(f"expected a string, got {raw!r}")
+            value = raw
+        check = f.metadata.get("check")
+        if check is not None:
+            check(value)
+    except ValueError as exc:
+        raise SettingsError(f"{origin}: {exc}") from None
+    return value

@@ -1,0 +1,49 @@
+"""Shared fixtures. Broker-backed tests use the real local Kafka broker of the project:
+scripts/test.sh starts it; when pytest runs alone, the `broker` fixture starts it itself
+(and stops it again at the end)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from linrec_stream.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.load()
+
+
+@pytest.fixture(scope="session")
+def broker(settings: Settings):
+    """The running local broker's Settings. Fails (never skips) when it cannot be started."""
+    from linrec_stream.kafka.broker import LocalBroker
+
+    local = LocalBroker(settings)
+    started = local.start(log=lambda m: None)
+    yield settings
+    if not started.already_running:
+        local.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 180) -> subprocess.CompletedProcess:
+    """Run `linrec-stream ARGS` in a child process, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "linrec_stream.cli", *args],
+        capture_output=True, text=True, env=full_env, cwd=REPO, timeout=timeout,
+    )

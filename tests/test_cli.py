@@ -1,0 +1,41 @@
+"""The CLI's contract for wrong input: one line on stderr, no traceback, a non-zero exit."""
+
+import pytest
+
+from tests.conftest import run_cli
+
+
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["kafka", "bogus"], {}, "invalid choice: 'bogus'"),
+        (["kafka", "status", "--set", "kafka_port=abc"], {}, "kafka_port: expected an integer, got 'abc'"),
+        (["kafka", "status", "--set", "kafkaport"], {}, "expected NAME=VALUE"),
+        (["settings", "--config", "/no/such/file.toml"], {}, "settings file /no/such/file.toml does not exist"),
+        (["settings"], {"LINREC_KAFKA_HEAP": "x"}, "LINREC_KAFKA_HEAP: a JVM heap size"),
+        (["topics", "create", "--nope"], {}, "unrecognized arguments: --nope"),
+    ],
+)
+def test_wrong_input_is_one_line(args, env, expected):
+    res = run_cli(*args, env=env)
+    assert res.returncode == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("linrec-stream: error: ") and expected in lines[0]
+    assert "Traceback" not in res.stderr
+
+
+def test_settings_prints_the_effective_values():
+    res = run_cli("settings", "--set", "kafka_port=19999", env={"LINREC_TOPIC_INTERACTIONS": "ev"})
+    assert res.returncode == 0
+    assert "kafka_port = 19999" in res.stdout.splitlines()
+    assert "topic_interactions = ev" in res.stdout.splitlines()
+
+
+def test_readme_settings_reference_is_complete():
+    from linrec_stream.settings import Settings
+    from tests.conftest import REPO
+
+    readme = (REPO / "README.md").read_text()
+    for name in Settings.names():
+        assert f"| `{name}` | `LINREC_{name.upper()}` |" in readme, f"README lacks setting {name}"

@@ -1,0 +1,65 @@
+from pathlib import Path
+
+import pytest
+
+from linrec_stream.settings import Settings, SettingsError
+
+
+def test_defaults_point_at_the_local_broker():
+    s = Settings.load(env={})
+    assert s.bootstrap_servers == "127.0.0.1:9092" == s.local_bootstrap
+    assert s.topics == {"interactions": 4, "recommendations": 4, "interactions-dlq": 1, "model-updates": 1}
+
+
+def test_layers_file_then_env_then_flags(tmp_path: Path):
+    cfg = tmp_path / "linrec.toml"
+    cfg.write_text('kafka_port = 19000\ntopic_interactions = "from-file"\ninteractions_partitions = 8\n')
+    s = Settings.load(config_file=cfg, env={"LINREC_KAFKA_PORT": "19001"})
+    assert (s.kafka_port, s.topic_interactions, s.interactions_partitions) == (19001, "from-file", 8)
+    s = Settings.load(config_file=cfg, env={"LINREC_KAFKA_PORT": "19001"}, overrides={"kafka_port": "19002"})
+    assert s.kafka_port == 19002
+    # The file can also come from the environment.
+    s = Settings.load(env={"LINREC_CONFIG": str(cfg)})
+    assert s.topic_interactions == "from-file"
+
+
+def test_types_are_parsed():
+    s = Settings.load(env={"LINREC_KAFKA_START_TIMEOUT_S": "2.5", "LINREC_DATA_DIR": "/tmp/d"})
+    assert s.kafka_start_timeout_s == 2.5 and s.data_dir == Path("/tmp/d")
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"LINREC_KAFKA_PORT": "abc"}, "LINREC_KAFKA_PORT: expected an integer, got 'abc'"),
+        ({"LINREC_KAFKA_PORT": "70000"}, "LINREC_KAFKA_PORT: a TCP port is 1..65535, got 70000"),
+        ({"LINREC_INTERACTIONS_PARTITIONS": "0"}, "LINREC_INTERACTIONS_PARTITIONS: must be > 0, got 0"),
+        ({"LINREC_TOPIC_INTERACTIONS": "no spaces"}, "LINREC_TOPIC_INTERACTIONS: a Kafka topic name"),
+        ({"LINREC_KAFKA_HEAP": "lots"}, "LINREC_KAFKA_HEAP: a JVM heap size"),
+        ({"LINREC_DEVICE": "tpu"}, "LINREC_DEVICE: one of auto, cpu, cuda"),
+        ({"LINREC_NO_SUCH_THING": "1"}, "LINREC_NO_SUCH_THING: unknown setting"),
+    ],
+)
+def test_a_wrong_value_names_the_setting(env, message):
+    with pytest.raises(SettingsError) as err:
+        Settings.load(env=env)
+    assert str(err.value).startswith(message)
+    assert "\n" not in str(err.value)
+
+
+def test_file_errors(tmp_path: Path):
+    with pytest.raises(SettingsError, match="does not exist"):
+        Settings.load(config_file=tmp_path / "missing.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("kafka_port = [1, 2]\n")
+    with pytest.raises(SettingsError, match=r"bad.toml: kafka_port: expected an integer"):
+        Settings.load(config_file=bad, env={})
+    bad.write_text("[kafka]\nport = 1\n")
+    with pytest.raises(SettingsError, match="flat"):
+        Settings.load(config_file=bad, env={})
+    bad.write_text("kafka_prot = 1\n")
+    with pytest.raises(SettingsError, match="unknown setting 'kafka_prot'"):
+        Settings.load(config_file=bad, env={})
+    bad.write_text("kafka_port = true\n")
+    with pytest.raises(SettingsError, match="expected an integer"):
+        Settings.load(config_file=bad, env={})
