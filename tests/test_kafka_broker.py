@@ -132,3 +132,19 @@ def test_broker_not_ready_in_time_is_reported_and_cleaned_up(own_broker):
     assert "--- last lines of the log ---" in res.stderr
     status = run_cli("kafka", "status", env=own_broker)
     assert status.returncode == 3, "a broker that failed to start must not be left running"
+
+
+def test_stop_kills_a_broker_that_does_not_shut_down(own_broker):
+    import signal
+
+    from linrec_stream.kafka.broker import LocalBroker
+
+    s = Settings.load(env={**os.environ, **own_broker})
+    broker = LocalBroker(s)
+    broker.start(log=lambda m: None)
+    pid = broker.status().pid
+    os.kill(pid, signal.SIGSTOP)  # a hung JVM: it cannot act on SIGTERM
+    res = broker.stop(timeout_s=2)
+    assert res.was_running and res.killed
+    assert not broker.status().running
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split(")")[-1][:3]

@@ -218,14 +218,14 @@ class LocalBroker:
         return ""
 
     # --- stop ---------------------------------------------------------------------------
-    def stop(self) -> StopResult:
-        """Ask the broker to shut down (SIGTERM: controlled shutdown); kill it after a timeout."""
+    def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> StopResult:
+        """Ask the broker to shut down (SIGTERM: controlled shutdown); kill it after ``timeout_s``."""
         t0 = time.monotonic()
         pid = self._live_pid()
         if pid is None:
             self.paths.pid_file.unlink(missing_ok=True)
             return StopResult(False, False, 0.0)
-        killed = _terminate(pid, timeout=STOP_TIMEOUT_S)
+        killed = _terminate(pid, timeout=timeout_s)
         self.paths.pid_file.unlink(missing_ok=True)
         return StopResult(True, killed, time.monotonic() - t0)
 
