@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable, NoReturn, Sequence
 
 from linrec_stream.settings import Settings, SettingsError
@@ -67,6 +68,48 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("settings", parents=[common], help="print the effective settings")
     st.add_argument("--markdown", action="store_true", help="print the settings reference as a Markdown table")
     st.set_defaults(func=_settings)
+
+    data = sub.add_parser("data", help="interaction data sets")
+    dsub = data.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    dsub.required = True
+    fetch = dsub.add_parser("fetch", parents=[common], help="fetch a MovieLens data set into data_dir (once)")
+    fetch.add_argument("name", choices=["ml-1m", "ml-100k"])
+    fetch.set_defaults(func=_data_fetch)
+
+    tr = sub.add_parser("train", parents=[common], help="train a model on a log (leave-one-out, full ranking)")
+    tr.add_argument("--data", required=True, metavar="ml-1m|ml-100k|PATH",
+                    help="a data set name (fetched once) or a .inter / ratings.dat / CSV / TSV file")
+    tr.add_argument("--attention", default="linrec",
+                    choices=["linrec", "linrec_seqnorm", "linear", "softmax", "linrec_bidir"])
+    tr.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
+    tr.add_argument("--hidden", type=int, default=64)
+    tr.add_argument("--layers", type=int, default=2)
+    tr.add_argument("--heads", type=int, default=2)
+    tr.add_argument("--inner", type=int, default=256, help="feed-forward width")
+    tr.add_argument("--max-len", type=int, default=200)
+    tr.add_argument("--dropout", type=float, default=0.2)
+    tr.add_argument("--epochs", type=int, default=200)
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--patience", type=int, default=10, help="early stop after N epochs without a better NDCG@10")
+    tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
+    tr.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed lines")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bars")
+    tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", parents=[common], help="evaluate a trained model")
+    ev.add_argument("--model", required=True, type=Path, metavar="DIR")
+    ev.add_argument("--data", required=True, metavar="ml-1m|ml-100k|PATH")
+    ev.add_argument("--protocol", choices=["full", "pop100"], default="full",
+                    help="full ranking (default) or the target vs 100 popularity-sampled negatives")
+    ev.add_argument("--split", choices=["test", "valid"], default="test")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the pop100 negatives")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    ev.add_argument("--skip-malformed", action="store_true")
+    ev.add_argument("--json", action="store_true", help="print one JSON object")
+    ev.set_defaults(func=_evaluate)
 
     # Argument contracts of the stream worker (issue #5) and the retraining service (issue #6).
     # docker/docker-compose.yml runs them; until they are built they fail with one clear line.
@@ -165,6 +208,79 @@ def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_fetch(settings: Settings, args: argparse.Namespace) -> int:
+    from linrec_stream.data import fetch_dataset
+
+    path = fetch_dataset(args.name, settings.path(settings.data_dir), log=_info)
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def _device(settings: Settings, args: argparse.Namespace):
+    from linrec_stream.train import resolve_device
+
+    try:
+        return resolve_device(args.device or settings.device)
+    except ValueError as exc:
+        raise UsageError(f"--device: {exc}") from None
+
+
+def _train(settings: Settings, args: argparse.Namespace) -> int:
+    from linrec_stream.experiment import prepare, run_training
+    from linrec_stream.model import ModelConfig
+    from linrec_stream.train import TrainConfig
+
+    device = _device(settings, args)
+    if args.out.exists() and not args.out.is_dir():
+        raise UsageError(f"--out {args.out}: exists and is not a directory")
+    if not args.resume and (args.out / "last.pt").exists():
+        raise UsageError(f"--out {args.out} holds a run already: pass --resume to continue it, or choose another")
+    try:
+        tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
+                         seed=args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
+    prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info)
+    try:
+        mc = ModelConfig(num_items=prepared.split.data.num_items, hidden_size=args.hidden, num_layers=args.layers,
+                         num_heads=args.heads, attention=args.attention, max_len=args.max_len,
+                         dropout=args.dropout, inner_size=args.inner)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    _info(f"training {args.attention} on {device} into {args.out}")
+    run_training(prepared, mc, tc, args.out, device, resume=args.resume, progress=not args.no_progress, log=_info)
+    print(f"model: {args.out / 'model.pt'}  curves: {args.out / 'curves.png'}  metrics: {args.out / 'meta.json'}")
+    return 0
+
+
+def _evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    from linrec_stream.evaluate import evaluate, popularity_counts
+    from linrec_stream.experiment import format_metrics, load_run, prepare, remap
+
+    device = _device(settings, args)
+    model, vocab = load_run(args.model, device)
+    log = (lambda m: None) if args.json else _info
+    prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=log)
+    data, skipped = remap(prepared.split, vocab, args.split)
+    if len(data) == 0:
+        raise UsageError(f"--data {args.data}: no user's target item is known to the model in {args.model}")
+    train_seqs = [s[s != 0] for s in remap(prepared.split, vocab, "valid")[0].inputs]
+    pop = popularity_counts(train_seqs, model.config.num_items)
+    metrics = evaluate(model, data, protocol=args.protocol, popularity=pop, seed=args.seed)
+    result = {"model": str(args.model), "model_version": model.version, "attention": model.config.attention,
+              "data": str(prepared.source), "split": args.split, "protocol": args.protocol,
+              "users": len(data), "skipped_users": skipped, **metrics}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        label = "full ranking" if args.protocol == "full" else "pop100: target vs 100 popularity-sampled negatives"
+        print(f"{args.split} users: {len(data):,} ({label})")
+        print(format_metrics(metrics))
+    return 0
+
+
 def _settings(settings: Settings, args: argparse.Namespace) -> int:
     if args.markdown:
         print("| setting | environment variable | default | meaning |\n|---|---|---|---|")
@@ -234,15 +350,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fail("interrupted")
         return 130
     except _expected_runtime_errors() as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
+        # Our own errors read as sentences; a library's keeps its type name for context.
+        own = isinstance(exc, (FileNotFoundError, ValueError))
+        _fail(str(exc) if own else f"{type(exc).__name__}: {exc}")
         return 1
 
 
 def _expected_runtime_errors() -> tuple[type[BaseException], ...]:
     from kafka.errors import KafkaError
 
-    # An unreachable or failing broker, a file that cannot be read: one line, no traceback.
-    return (KafkaError, OSError)
+    from linrec_stream.data import DataError
+
+    # An unreachable or failing broker, a file that cannot be read, bad data: one line, no traceback.
+    return (KafkaError, OSError, DataError, ValueError)
 
 
 if __name__ == "__main__":

@@ -88,3 +88,33 @@ def test_resume_refuses_other_settings(tmp_path: Path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(small_config("linrec"), TrainConfig(epochs=2), data, tmp_path / "new", torch.device("cpu"),
               resume=True, **quiet)
+
+
+def test_train_and_evaluate_from_the_command_line(tmp_path: Path):
+    import json
+
+    from tests.conftest import run_cli
+
+    log = tmp_path / "log.csv"
+    rows = ["user,item,timestamp"]
+    for u, seq in enumerate(cycle_log(users=80, length=12, seed=3)):
+        rows += [f"u{u},i{item},{1000 + t}" for t, item in enumerate(seq)]
+    log.write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    res = run_cli("train", "--data", str(log), "--out", str(out), "--epochs", "2", "--hidden", "16",
+                  "--layers", "1", "--max-len", "8", "--inner", "32", "--batch-size", "32", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "epoch   2" in res.stderr and "test (full ranking)" in res.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert len(meta["epochs"]) == 2 and meta["data"]["users"] == 80
+    # A second train into the same directory without --resume is refused in one line.
+    again = run_cli("train", "--data", str(log), "--out", str(out), "--epochs", "2")
+    assert again.returncode == 2 and "pass --resume" in again.stderr
+    ev = run_cli("evaluate", "--model", str(out), "--data", str(log), "--json")
+    assert ev.returncode == 0, ev.stderr
+    result = json.loads(ev.stdout)
+    assert result["users"] == 80 and result["protocol"] == "full"
+    assert result["ndcg@10"] == pytest.approx(meta["test_full"]["ndcg@10"])  # same model, same users
+    sampled = json.loads(run_cli("evaluate", "--model", str(out), "--data", str(log), "--json",
+                                 "--protocol", "pop100").stdout)
+    assert sampled["protocol"] == "pop100" and sampled["hr@10"] >= result["hr@10"]  # 101 candidates vs all

@@ -1,0 +1,114 @@
+"""From a data spec to a trained, evaluated run directory, and back: what `train` and
+`evaluate` on the command line do, as functions."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from linrec_stream.data import LeaveOneOut, build_sequences, leave_one_out, read_interactions, resolve_data
+from linrec_stream.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
+from linrec_stream.model import LinRecModel, ModelConfig
+from linrec_stream.train import TrainConfig, TrainData, train
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    source: Path
+    split: LeaveOneOut
+    skipped: int
+
+    def describe(self) -> dict:
+        d = self.split.data
+        return {"source": str(self.source), "events": int(d.num_events), "users": len(d.users),
+                "items": d.num_items, "evaluated_users": self.split.num_eval, "skipped_lines": self.skipped}
+
+
+def prepare(spec: str, data_dir: Path, skip_malformed: bool = False, log: Log = print) -> Prepared:
+    """Resolve (fetching if needed), read, order and split a data set."""
+    t0 = time.monotonic()
+    path = resolve_data(spec, data_dir, log=log)
+    inter = read_interactions(path, skip_malformed=skip_malformed)
+    split = leave_one_out(build_sequences(inter))
+    p = Prepared(path, split, inter.skipped)
+    d = p.describe()
+    log(f"data: {path} - {d['events']:,} events, {d['users']:,} users, {d['items']:,} items"
+        + (f", {inter.skipped} malformed lines skipped" if inter.skipped else "")
+        + f" ({time.monotonic() - t0:.1f}s)")
+    return p
+
+
+def eval_set(split: LeaveOneOut, which: str) -> EvalSet:
+    if which == "valid":
+        return EvalSet(split.valid_input, split.valid_target)
+    if which == "test":
+        return EvalSet(split.test_input, split.test_target)
+    raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
+
+
+def run_training(
+    prepared: Prepared, model_config: ModelConfig, train_config: TrainConfig, out: Path,
+    device: torch.device, resume: bool = False, progress: bool = True, log: Log = print,
+) -> dict:
+    """Train, then evaluate the best model on the test users; returns the test metrics
+    (also written to ``out/meta.json`` with the popularity baseline)."""
+    split = prepared.split
+    data = TrainData(split.train, eval_set(split, "valid"), split.data.vocab)
+    meta = {"data": prepared.describe(), "device": str(device)}
+    model, hist = train(model_config, train_config, data, out, device, resume=resume, meta=meta,
+                        progress=progress, log=log)
+    test = eval_set(split, "test")
+    metrics = evaluate(model, test, batch_size=train_config.eval_batch_size)
+    pop = popularity_baseline(test, popularity_counts(split.train, split.data.num_items))
+    meta_path = out / "meta.json"
+    saved = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    saved.update({"model_version": model.version, "test_full": metrics, "popularity_test_full": pop})
+    meta_path.write_text(json.dumps(saved, indent=2))
+    log("test (full ranking): " + format_metrics(metrics))
+    log("popularity baseline: " + format_metrics(pop))
+    return metrics
+
+
+def load_run(model_dir: Path, device: torch.device | str = "cpu") -> tuple[LinRecModel, list[str]]:
+    """The best model of a run directory and its item vocabulary."""
+    ckpt, vocab_file = model_dir / "model.pt", model_dir / "vocab.json"
+    for f in (ckpt, vocab_file):
+        if not f.exists():
+            raise FileNotFoundError(f"{model_dir} is not a trained model directory: {f.name} is missing")
+    model = LinRecModel.load(ckpt, map_location=device)
+    vocab = json.loads(vocab_file.read_text())["items"]
+    if len(vocab) != model.config.num_items + 1:
+        raise ValueError(f"{vocab_file} has {len(vocab) - 1} items, the model {model.config.num_items}")
+    return model, vocab
+
+
+def remap(split: LeaveOneOut, vocab: list[str], which: str) -> tuple[EvalSet, int]:
+    """The ``which`` users of ``split`` in the model's item ids. Items the model does not know
+    are dropped from histories; users whose target it does not know are skipped (counted)."""
+    data_vocab = split.data.vocab
+    es = eval_set(split, which)
+    if data_vocab == vocab:
+        return es, 0
+    index = {s: k for k, s in enumerate(vocab) if k > 0}
+    to_model = np.array([index.get(s, 0) for s in data_vocab], dtype=np.int64)
+    inputs, targets, skipped = [], [], 0
+    for seq, t in zip(es.inputs, es.targets):
+        if to_model[t] == 0:
+            skipped += 1
+            continue
+        mapped = to_model[seq]
+        inputs.append(mapped[mapped != 0])
+        targets.append(to_model[t])
+    return EvalSet(inputs, np.array(targets, dtype=np.int64)), skipped
+
+
+def format_metrics(m: dict[str, float]) -> str:
+    return "  ".join(f"{k.upper()} {v:.4f}" for k, v in m.items())
