@@ -111,15 +111,38 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print one JSON object")
     ev.set_defaults(func=_evaluate)
 
-    # Argument contracts of the stream worker (issue #5) and the retraining service (issue #6).
-    # docker/docker-compose.yml runs them; until they are built they fail with one clear line.
-    worker = sub.add_parser("worker", parents=[common], help="stream worker (not in this build yet: issue #5)")
-    worker.add_argument("--model", required=True, metavar="DIR")
-    worker.add_argument("--batch-size", type=int, default=256)
-    worker.add_argument("--batch-ms", type=int, default=50)
+    worker = sub.add_parser("worker", parents=[common], help="run a stream worker (Ctrl-C / SIGTERM stops it)")
+    worker.add_argument("--model", required=True, type=Path, metavar="DIR", help="a trained model directory")
+    worker.add_argument("--batch-size", type=int, help="most events per micro-batch (setting batch_size)")
+    worker.add_argument("--batch-ms", type=int, help="longest wait to fill a micro-batch (setting batch_ms)")
     worker.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    worker.add_argument("--state-dir", metavar="DIR")
-    worker.set_defaults(func=_not_built("worker", 5))
+    worker.add_argument("--state-dir", type=Path, metavar="DIR", help="rocksdict user-state store (setting state_dir)")
+    worker.add_argument("--idle-exit", type=float, metavar="S", help="exit after S seconds without events")
+    worker.set_defaults(func=_worker)
+
+    rp = sub.add_parser("replay", parents=[common], help="replay a historical log into Kafka in time order")
+    rp.add_argument("--data", required=True, metavar="ml-1m|ml-100k|PATH")
+    rp.add_argument("--topic", help="default: the interactions topic")
+    pace = rp.add_mutually_exclusive_group()
+    pace.add_argument("--rate", type=float, metavar="N", help="N events/s (default: as fast as possible)")
+    pace.add_argument("--speed", type=float, metavar="X", help="X times real time")
+    rp.add_argument("--limit", type=int, metavar="N", help="stop after N events")
+    rp.add_argument("--from-ts", type=float, metavar="T", help="only events with ts >= T (epoch seconds)")
+    rp.add_argument("--to-ts", type=float, metavar="T", help="only events with ts < T (epoch seconds)")
+    rp.add_argument("--skip-malformed", action="store_true")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=_replay)
+
+    recs = sub.add_parser("recs", help="recommendations as they arrive")
+    rsub = recs.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    rsub.required = True
+    tail = rsub.add_parser("tail", parents=[common], help="print recommendations as they arrive")
+    tail.add_argument("--json", action="store_true", help="one JSON object per line, as produced")
+    tail.add_argument("--max", type=int, metavar="N", help="stop after N recommendations")
+    tail.add_argument("--timeout", type=float, default=None, metavar="S", help="stop after S seconds without one")
+    tail.add_argument("--from-beginning", action="store_true")
+    tail.set_defaults(func=_recs_tail)
+
     retrain = sub.add_parser("retrain", parents=[common], help="periodic retraining (not in this build yet: issue #6)")
     retrain.add_argument("--every", metavar="DURATION")
     retrain.set_defaults(func=_not_built("retrain", 6))
@@ -278,6 +301,79 @@ def _evaluate(settings: Settings, args: argparse.Namespace) -> int:
         label = "full ranking" if args.protocol == "full" else "pop100: target vs 100 popularity-sampled negatives"
         print(f"{args.split} users: {len(data):,} ({label})")
         print(format_metrics(metrics))
+    return 0
+
+
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from consumers.worker import StreamWorker, WorkerOptions
+
+    overrides = {"batch_size": args.batch_size, "batch_ms": args.batch_ms}
+    settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
+    if settings.batch_size < 1 or settings.batch_ms < 1:
+        raise UsageError("--batch-size and --batch-ms must be >= 1")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+    options = WorkerOptions(args.model, settings.path(args.state_dir or settings.state_dir), settings.batch_size,
+                            settings.batch_ms, str(_device(settings, args)))
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    StreamWorker(settings, options).run(stop, idle_exit_s=args.idle_exit)
+    return 0
+
+
+def _replay(settings: Settings, args: argparse.Namespace) -> int:
+    from linrec_stream.data import resolve_data
+    from linrec_stream.replay import ReplayPlan, replay
+
+    for name in ("rate", "speed", "limit"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise UsageError(f"--{name} must be > 0")
+    path = resolve_data(args.data, settings.path(settings.data_dir), log=_info)
+    plan = ReplayPlan(path, args.topic or settings.topic_interactions, args.rate, args.speed, args.limit,
+                      args.from_ts, args.to_ts)
+    summary = replay(plan, settings.bootstrap_servers, progress=not args.no_progress,
+                     skip_malformed=args.skip_malformed)
+    print(summary.describe() + f" -> {plan.topic}")
+    return 130 if summary.interrupted else 0
+
+
+def _recs_tail(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(settings.topic_recommendations, bootstrap_servers=settings.bootstrap_servers,
+                             auto_offset_reset="earliest" if args.from_beginning else "latest",
+                             enable_auto_commit=False, group_id=None)
+    shown, last = 0, time.monotonic()
+    try:
+        while args.max is None or shown < args.max:
+            polled = consumer.poll(timeout_ms=500)
+            for records in polled.values():
+                for r in records:
+                    if args.json:
+                        print(r.value.decode("utf-8", "replace"), flush=True)
+                    else:
+                        rec = json.loads(r.value)
+                        print(f"{rec['user']}: " + " | ".join(rec["items"]) + f"  (model {rec['model_version'][:8]})",
+                              flush=True)
+                    shown += 1
+                    last = time.monotonic()
+                    if args.max is not None and shown >= args.max:
+                        break
+            if args.timeout is not None and time.monotonic() - last > args.timeout:
+                break
+    except KeyboardInterrupt:
+        pass
+    finally:
+        consumer.close()
     return 0
 
 

@@ -33,6 +33,11 @@ def _check_port(value: int) -> None:
         raise ValueError(f"a TCP port is 1..65535, got {value}")
 
 
+def _check_port_or_off(value: int) -> None:
+    if value != 0:
+        _check_port(value)
+
+
 def _check_positive(value: int | float) -> None:
     if value <= 0:
         raise ValueError(f"must be > 0, got {value}")
@@ -91,7 +96,21 @@ class Settings:
     registry_dir: Path = _setting(Path("models"), "versioned model checkpoints")
     state_dir: Path = _setting(Path(".runtime/state"), "the worker's rocksdict user-state store")
     device: str = _setting("auto", "torch device for workers and training: auto, cpu, cuda", _check_device)
-    metrics_port: int = _setting(9464, "Prometheus metrics port of a worker", _check_port)
+    metrics_port: int = _setting(9464, "Prometheus metrics port of a worker (0: no endpoint)", _check_port_or_off)
+    topic_state_changelog: str = _setting(
+        "user-state-changelog", "compacted topic the worker's user states are recovered from", _check_topic
+    )
+    worker_group: str = _setting("linrec-workers", "consumer group of the stream workers")
+    batch_size: int = _setting(256, "worker: most events in one micro-batch", _check_positive)
+    batch_ms: int = _setting(50, "worker: longest wait in ms to fill a micro-batch", _check_positive)
+    top_k: int = _setting(10, "items per recommendation", _check_positive)
+    recent_window: int = _setting(200, "recent item ids kept per user (excluded from recommendations)", _check_positive)
+    max_event_bytes: int = _setting(4096, "larger interaction messages go to the dead-letter topic", _check_positive)
+    max_id_chars: int = _setting(256, "longest user or item id accepted", _check_positive)
+    session_timeout_ms: int = _setting(
+        10_000, "worker: consumer group session timeout; a crashed worker's partitions move after this", _check_positive
+    )
+    summary_every_s: float = _setting(10.0, "worker: seconds between summary log lines", _check_positive)
 
     # ---------------------------------------------------------------------------------
     @classmethod

@@ -1,0 +1,176 @@
+"""One micro-batch of the stream worker, free of Kafka: events in, new user records and
+recommendations out. Everything here is a pure function of (model, stored records, events).
+
+Per batch: events are grouped by user (each user's order kept), events a user's stored record
+already contains are dropped (the idempotence rule that makes re-delivery harmless), each
+user's state is loaded, all of a user's new events are applied in one ``model.encode`` call
+from that state (equal to stepping them one by one), and each touched user's newest hidden
+state is scored once.
+
+Unknown items (not in the model's vocabulary) are valid events: they enter the user's recent
+window and event count (so the next retraining sees them) but leave the model state unchanged;
+a user whose batch held only unknown items gets no new recommendation from that batch.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from consumers.events import Interaction, Recommendation
+from linrec_stream.model import LinRecModel, UserState
+from linrec_stream.user_state import StateMismatchError
+from state.record import UserRecord
+
+
+@dataclass(frozen=True)
+class ServingModel:
+    """A trained model with its item vocabulary, ready to serve (eval mode, no autograd)."""
+
+    model: LinRecModel
+    vocab: list[str]  # external id of each item id; vocab[0] is padding
+    index: dict[str, int]
+
+    @classmethod
+    def load(cls, model_dir: Path, device: torch.device | str = "cpu") -> "ServingModel":
+        ckpt, vocab_file = model_dir / "model.pt", model_dir / "vocab.json"
+        for f in (ckpt, vocab_file):
+            if not f.exists():
+                raise FileNotFoundError(f"{model_dir} is not a trained model directory: {f.name} is missing")
+        model = LinRecModel.load(ckpt, map_location=device).eval()
+        vocab = json.loads(vocab_file.read_text())["items"]
+        if len(vocab) != model.config.num_items + 1:
+            raise ValueError(f"{vocab_file} has {len(vocab) - 1} items, the model {model.config.num_items}")
+        return cls(model, vocab, {s: k for k, s in enumerate(vocab) if k > 0})
+
+    @property
+    def version(self) -> str:
+        return self.model.version
+
+    def ids(self, items: list[str] | tuple[str, ...]) -> list[int]:
+        """Model ids of the known items among ``items`` (unknown ones dropped)."""
+        return [self.index[i] for i in items if i in self.index]
+
+
+@dataclass
+class BatchResult:
+    records: list[UserRecord]
+    recommendations: list[Recommendation]
+    applied: int = 0  # events applied (known and unknown items)
+    duplicates: int = 0  # events a stored state already contained
+    unknown_items: int = 0
+    rebuilt: int = 0  # states rebuilt from their window (made by another model version)
+    timings: dict[str, float] = field(default_factory=dict)  # seconds: load, update, score, pack
+
+
+@torch.inference_mode()
+def apply_batch(
+    serving: ServingModel,
+    stored: dict[str, UserRecord],
+    events: list[Interaction],
+    top_k: int,
+    window: int,
+    now: float | None = None,
+) -> BatchResult:
+    """Apply ``events`` (in stream order) on top of the ``stored`` records of their users."""
+    t0 = time.perf_counter()
+    model = serving.model
+    per_user: OrderedDict[str, list[Interaction]] = OrderedDict()
+    result = BatchResult([], [])
+    for ev in events:
+        rec = stored.get(ev.user)
+        if rec is not None and rec.already_applied(ev.source.partition, ev.source.offset):
+            result.duplicates += 1
+            continue
+        per_user.setdefault(ev.user, []).append(ev)
+    if not per_user:
+        return result
+    users = list(per_user)
+
+    states: list[UserState] = []
+    for user in users:
+        rec = stored.get(user)
+        states.append(_load_state(serving, rec, result))
+    batch_state = UserState.stack(states)
+    t1 = time.perf_counter()
+
+    new_ids = [serving.ids([e.item for e in per_user[u]]) for u in users]
+    width = max(1, max(len(x) for x in new_ids))
+    items = torch.zeros(len(users), width, dtype=torch.int64)  # (U, R), left-padded with 0
+    for row, ids in enumerate(new_ids):
+        if ids:
+            items[row, width - len(ids):] = torch.tensor(ids)
+    h, new_state = model.encode(items.to(model.device), batch_state)  # (U, R, D)
+    h_last = h[:, -1]  # newest known event of each user (left padding)
+    t2 = time.perf_counter()
+
+    windows: list[tuple[str, ...]] = []
+    for user in users:
+        rec = stored.get(user)
+        old = rec.window if rec is not None else ()
+        windows.append(tuple((*old, *(e.item for e in per_user[user])))[-window:])
+    scored = [row for row, ids in enumerate(new_ids) if ids]
+    top_items: dict[int, tuple[list[int], list[float]]] = {}
+    if scored:
+        scores = model.score(h_last[scored]).float()  # (S, I+1)
+        for j, row in enumerate(scored):
+            seen = serving.ids(windows[row])
+            if seen:
+                scores[j, torch.tensor(seen, device=scores.device)] = float("-inf")
+        k = min(top_k, model.config.num_items)
+        vals, idx = scores.topk(k, dim=1)
+        for j, row in enumerate(scored):
+            top_items[row] = (idx[j].tolist(), vals[j].tolist())
+    t3 = time.perf_counter()
+
+    produced_at = time.time() if now is None else now
+    cpu_state = new_state.to("cpu")
+    for row, user in enumerate(users):
+        evs = per_user[user]
+        last = evs[-1]
+        rec = stored.get(user)
+        result.applied += len(evs)
+        result.unknown_items += len(evs) - len(new_ids[row])
+        result.records.append(UserRecord(
+            user=user, state=cpu_state[row].to_bytes(), model_version=serving.version, window=windows[row],
+            events=(rec.events if rec is not None else 0) + len(evs), partition=last.source.partition,
+            offset=last.source.offset, event_id=last.event_id, last_ts=last.ts,
+        ))
+        if row in top_items:
+            ids, vals = top_items[row]
+            keep = [(serving.vocab[i], v) for i, v in zip(ids, vals) if v != float("-inf")]
+            result.recommendations.append(Recommendation(
+                user=user, items=[i for i, _ in keep], scores=[v for _, v in keep],
+                model_version=serving.version, source=last.source, event_id=last.event_id,
+                event_ts=last.ts, produced_at=produced_at,
+            ))
+    t4 = time.perf_counter()
+    result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": t4 - t3}
+    return result
+
+
+def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResult) -> UserState:
+    model = serving.model
+    if rec is None:
+        return model.init_state(1)
+    try:
+        return model.load_state_bytes(rec.state)
+    except StateMismatchError:
+        # Built by another model version: rebuild it under this one from the recent window.
+        result.rebuilt += 1
+        return rebuild_state(serving, rec.window)
+
+
+def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
+    """The state this model reaches from an empty history by applying ``window``'s known items."""
+    ids = serving.ids(window)
+    state = serving.model.init_state(1)
+    if not ids:
+        return state
+    _, state = serving.model.encode(torch.tensor([ids], device=serving.model.device), state)
+    return state

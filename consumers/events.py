@@ -1,0 +1,153 @@
+"""The message contracts of the stream (format version 1) and the validation of input events.
+
+interactions (key = user id, UTF-8), value JSON::
+
+    {"user": str, "item": str, "ts": number, "event_id": str (optional)}
+
+``ts`` is the event time in **epoch seconds** (a float; milliseconds are rejected as out of
+range, so a producer that sends ms finds out at once rather than skewing latencies).
+
+recommendations (key = user id), value JSON::
+
+    {"v": 1, "user": str, "items": [K external ids], "scores": [K floats], "model_version": str,
+     "source": {"topic": str, "partition": int, "offset": int}, "event_id": str | null,
+     "event_ts": float, "produced_at": float}
+
+``source`` names the user's newest event applied, so a consumer can drop duplicates
+(recommendations are at-least-once).
+
+interactions-dlq: the original message, bytes untouched (same key and value), with headers
+``dlq.reason`` (one of :data:`REASONS`), ``dlq.detail`` (a sentence), ``dlq.topic``,
+``dlq.partition``, ``dlq.offset``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+
+FORMAT_VERSION = 1
+MIN_TS = 631_152_000.0  # 1990-01-01: anything earlier is not an interaction of this system
+FUTURE_SLACK_S = 86_400.0  # clocks drift; a day ahead is still plausible, more is not
+
+REASONS = (
+    "oversized", "invalid_utf8", "invalid_json", "not_an_object", "missing_field", "bad_type",
+    "empty_field", "oversized_field", "bad_timestamp", "key_mismatch",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    topic: str
+    partition: int
+    offset: int
+    kafka_ts_ms: int  # the broker's (or producer's) timestamp, for end-to-end latency
+
+
+@dataclass(frozen=True)
+class Interaction:
+    user: str
+    item: str
+    ts: float
+    event_id: str | None
+    source: Source
+
+
+@dataclass(frozen=True)
+class Rejected:
+    reason: str  # one of REASONS
+    detail: str
+    key: bytes | None
+    value: bytes | None
+    source: Source
+
+    def headers(self) -> list[tuple[str, bytes]]:
+        s = self.source
+        return [("dlq.reason", self.reason.encode()), ("dlq.detail", self.detail.encode()),
+                ("dlq.topic", s.topic.encode()), ("dlq.partition", str(s.partition).encode()),
+                ("dlq.offset", str(s.offset).encode())]
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_event_bytes: int = 4096
+    max_id_chars: int = 256
+
+
+def parse_event(key: bytes | None, value: bytes | None, source: Source, limits: Limits,
+                now: float | None = None) -> Interaction | Rejected:
+    """Validate one interactions message; never raises on bad input."""
+
+    def reject(reason: str, detail: str) -> Rejected:
+        return Rejected(reason, detail, key, value, source)
+
+    if value is None:
+        return reject("invalid_json", "empty message (null value)")
+    if len(value) > limits.max_event_bytes:
+        return reject("oversized", f"{len(value)} bytes > limit {limits.max_event_bytes}")
+    try:
+        text = value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return reject("invalid_utf8", f"not UTF-8 at byte {exc.start}")
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        return reject("invalid_json", f"not JSON: {exc}")
+    if not isinstance(obj, dict):
+        return reject("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
+    for name in ("user", "item", "ts"):
+        if name not in obj:
+            return reject("missing_field", f"field {name!r} is missing")
+    ids = {"user": obj["user"], "item": obj["item"]}
+    event_id = obj.get("event_id")
+    if event_id is not None:
+        ids["event_id"] = event_id
+    for name, v in ids.items():
+        if not isinstance(v, str):
+            return reject("bad_type", f"field {name!r} must be a string, got {type(v).__name__}")
+        if not v.strip():
+            return reject("empty_field", f"field {name!r} is empty")
+        if len(v) > limits.max_id_chars:
+            return reject("oversized_field", f"field {name!r} has {len(v)} characters > {limits.max_id_chars}")
+    ts = obj["ts"]
+    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
+        return reject("bad_type", f"field 'ts' must be a number (epoch seconds), got {type(ts).__name__}")
+    ts = float(ts)
+    latest = (time.time() if now is None else now) + FUTURE_SLACK_S
+    if not math.isfinite(ts) or not MIN_TS <= ts <= latest:
+        return reject("bad_timestamp", f"ts {obj['ts']!r} is not an epoch time in seconds between 1990 and now")
+    if key is not None and key != obj["user"].encode("utf-8"):
+        # All events of a user must land in one partition, hence one worker and one state.
+        return reject("key_mismatch", "message key differs from the 'user' field")
+    return Interaction(obj["user"], obj["item"], ts, event_id, source)
+
+
+def encode_event(user: str, item: str, ts: float, event_id: str | None = None) -> tuple[bytes, bytes]:
+    """(key, value) of an interactions message."""
+    body = {"user": user, "item": item, "ts": ts}
+    if event_id is not None:
+        body["event_id"] = event_id
+    return user.encode("utf-8"), json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    user: str
+    items: list[str]
+    scores: list[float]
+    model_version: str
+    source: Source
+    event_id: str | None
+    event_ts: float
+    produced_at: float
+
+    def to_bytes(self) -> bytes:
+        s = self.source
+        return json.dumps({
+            "v": FORMAT_VERSION, "user": self.user, "items": self.items,
+            "scores": [round(x, 6) for x in self.scores], "model_version": self.model_version,
+            "source": {"topic": s.topic, "partition": s.partition, "offset": s.offset},
+            "event_id": self.event_id, "event_ts": self.event_ts, "produced_at": self.produced_at,
+        }, separators=(",", ":")).encode("utf-8")

@@ -1,0 +1,72 @@
+"""A stream worker's metrics: Prometheus series (one registry per worker, no globals) plus the
+figures of the periodic summary log line."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+
+
+@dataclass
+class WorkerMetrics:
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+
+    def __post_init__(self) -> None:
+        r = self.registry
+        self.events = Counter("linrec_events", "interaction events by outcome", ["outcome"], registry=r)
+        self.dead_letters = Counter("linrec_dead_letters", "malformed events sent to the DLQ", ["reason"], registry=r)
+        self.recommendations = Counter("linrec_recommendations", "recommendations produced", registry=r)
+        self.batch_size = Histogram("linrec_batch_events", "events per micro-batch", buckets=_BATCH_BUCKETS,
+                                    registry=r)
+        self.stage = Histogram("linrec_stage_seconds", "time per micro-batch stage", ["stage"],
+                               buckets=_STAGE_BUCKETS, registry=r)
+        self.latency = Histogram("linrec_end_to_end_seconds", "event's Kafka timestamp to recommendation produced",
+                                 buckets=_LATENCY_BUCKETS, registry=r)
+        self.lag = Gauge("linrec_consumer_lag", "events not yet consumed", ["partition"], registry=r)
+        self.rebuilt = Counter("linrec_states_rebuilt", "states rebuilt under a new model version", registry=r)
+        # For the summary line: recent latencies (bounded) and counts since the last line.
+        self._recent_latency: deque[float] = deque(maxlen=20_000)
+        self._since = time.monotonic()
+        self._events_since = 0
+        self._batches_since = 0
+        self.totals = {"events": 0, "dead_letters": 0, "recommendations": 0, "duplicates": 0, "unknown_items": 0}
+
+    def serve(self, port: int) -> None:
+        """Expose /metrics on ``port`` (0: do not)."""
+        if port:
+            start_http_server(port, registry=self.registry)
+
+    def observe_latency(self, seconds: float) -> None:
+        self.latency.observe(seconds)
+        self._recent_latency.append(seconds)
+
+    def observe_batch(self, events: int) -> None:
+        self.batch_size.observe(events)
+        self._events_since += events
+        self._batches_since += 1
+
+    def latency_quantiles(self) -> tuple[float, float]:
+        """(p50, p99) in seconds over the recent window; NaN when empty."""
+        if not self._recent_latency:
+            return float("nan"), float("nan")
+        xs = sorted(self._recent_latency)
+        return xs[len(xs) // 2], xs[min(len(xs) - 1, int(len(xs) * 0.99))]
+
+    def summary(self, lag: int) -> str:
+        now = time.monotonic()
+        dt = max(now - self._since, 1e-9)
+        p50, p99 = self.latency_quantiles()
+        line = (f"worker: {self._events_since:,} events in {dt:.0f}s ({self._events_since / dt:,.0f}/s), "
+                f"{self._batches_since} batches, latency p50 {p50 * 1000:.0f} ms p99 {p99 * 1000:.0f} ms, "
+                f"totals: {self.totals['events']:,} events, {self.totals['recommendations']:,} recs, "
+                f"{self.totals['dead_letters']} dead letters, {self.totals['duplicates']} duplicates skipped; "
+                f"lag {lag:,}")
+        self._since, self._events_since, self._batches_since = now, 0, 0
+        return line

@@ -1,0 +1,259 @@
+"""The stream worker: interactions in, user states updated, recommendations out.
+
+Built on kafka-python rather than a faust agent, because the exactly-once effect on state needs
+the applied input offsets stored atomically *with* the states (one rocksdict write batch), and
+the worker must seek each partition to the offset its local store says, which faust's tables
+(changelog written per key, offsets committed separately; ``exactly_once`` only with aiokafka
+and with open duplicate reports) do not give. See README "Stream worker".
+
+Per micro-batch (up to ``batch_size`` events or ``batch_ms`` after the first one):
+
+1. validate every message; malformed ones are routed to the dead-letter topic;
+2. ``apply_batch``: per user, in order, apply the new events on top of the stored state;
+3. produce recommendations, dead letters and changelog records, and flush;
+4. commit the new states and every partition's next offset to rocksdict in one write batch;
+5. commit the consumer group's offsets (used only when another machine restores from the
+   changelog).
+
+A crash before 4 re-delivers the batch (recommendations and dead letters may repeat: they are
+at-least-once); a crash after 4 resumes behind it. Either way every event affects its user's
+state exactly once: the store's offsets say where to resume, and an event at or below a user's
+stored offset is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from consumers.batch import ServingModel, apply_batch
+from consumers.events import Interaction, Limits, Rejected, Source, parse_event
+from consumers.metrics import WorkerMetrics
+from linrec_stream.settings import Settings
+from state.changelog import Changelog
+from state.store import StateStore
+
+log = logging.getLogger("linrec.worker")
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    model_dir: Path
+    state_dir: Path
+    batch_size: int
+    batch_ms: int
+    device: str = "cpu"
+
+
+class StreamWorker:
+    """One worker process. ``run()`` blocks until ``stop`` is set (or it idles out)."""
+
+    def __init__(self, settings: Settings, options: WorkerOptions) -> None:
+        from kafka import KafkaConsumer, KafkaProducer
+
+        self.settings = settings
+        self.options = options
+        self.serving = ServingModel.load(options.model_dir, options.device)
+        self.store = StateStore(options.state_dir)
+        self.metrics = WorkerMetrics()
+        self.limits = Limits(settings.max_event_bytes, settings.max_id_chars)
+        self.changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
+        self.changelog.ensure_topic(settings.interactions_partitions)
+        self.producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
+                                      max_in_flight_requests_per_connection=5)
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=settings.bootstrap_servers, group_id=settings.worker_group,
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=options.batch_size,
+            client_id=f"linrec-worker-{id(self):x}", session_timeout_ms=settings.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
+        )
+        self.topic = settings.topic_interactions
+        # Partitions assigned by the last rebalance, not yet positioned. kafka-python runs the
+        # rebalance callback on its IO thread, where blocking calls (committed offsets, changelog
+        # restore) are not allowed, so the callback only records them and the loop does the work.
+        self._pending: set = set()
+        self._pending_lock = threading.Lock()
+        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self._last_summary = time.monotonic()
+
+    # --- partitions ---------------------------------------------------------------------------
+    def _position_pending(self) -> set[int]:
+        """Position the partitions of the last rebalance; returns their numbers (records already
+        fetched for them came from the group's position and must be dropped)."""
+        with self._pending_lock:
+            pending, self._pending = self._pending, set()
+        assigned = self.consumer.assignment()
+        pending = {tp for tp in pending if tp in assigned}
+        if pending:
+            self._position(pending)
+        return {tp.partition for tp in pending}
+
+    def _position(self, partitions) -> None:
+        """Seek each new partition to where its state stands, restoring states if needed."""
+        from kafka.structs import TopicPartition
+
+        for tp in sorted(partitions):
+            committed = self.consumer.committed(tp)
+            local = self.store.next_offset(tp.partition)
+            if local is None or (committed is not None and local < committed):
+                # No or stale local state for it (it was another worker's): rebuild from the changelog.
+                restored = self.changelog.restore(self.store, [tp.partition]).get(tp.partition, 0)
+                start = committed or 0
+                log.info("partition %d: restored %d user states from %s, resuming at group offset %d",
+                         tp.partition, restored, self.settings.topic_state_changelog, start)
+            else:
+                start = local
+                log.info("partition %d: resuming at offset %d from the local state store", tp.partition, start)
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition), start)
+
+    # --- the loop -----------------------------------------------------------------------------
+    def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
+        stop = stop or threading.Event()
+        m = self.serving.model
+        log.info("worker: model %s (%s, %d items) on %s; state in %s; group %s; batches of up to %d events / %d ms",
+                 self.serving.version, m.config.attention, m.config.num_items, m.device, self.options.state_dir,
+                 self.settings.worker_group, self.options.batch_size, self.options.batch_ms)
+        self.metrics.serve(self.settings.metrics_port)
+        idle_since = time.monotonic()
+        try:
+            while not stop.is_set():
+                records = self._take()
+                if records or not self.consumer.assignment():
+                    # Idle means caught up on assigned partitions, not waiting for a rebalance.
+                    idle_since = time.monotonic()
+                if records:
+                    self.process(records)
+                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    log.info("worker: idle for %.0fs, exiting", idle_exit_s)
+                    break
+                if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
+                    log.info(self.metrics.summary(self._lag()))
+                    self._last_summary = time.monotonic()
+        finally:
+            self.close()
+
+    def _take(self) -> list:
+        """Up to batch_size records, waiting at most batch_ms after the first one arrives."""
+        out: list = []
+        deadline = None
+        while len(out) < self.options.batch_size:
+            timeout = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            polled = self.consumer.poll(timeout_ms=timeout, max_records=self.options.batch_size - len(out))
+            repositioned = self._position_pending()
+            if repositioned:
+                out = [r for r in out if r.partition not in repositioned]
+            for tp, records in polled.items():
+                if tp.partition not in repositioned:
+                    out.extend(records)
+            if out and deadline is None:
+                deadline = time.monotonic() + self.options.batch_ms / 1000
+            if deadline is None and not polled:
+                return out  # idle: let the caller check stop / summary
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        # Stream order within each partition is what matters; keep it.
+        out.sort(key=lambda r: (r.partition, r.offset))
+        return out
+
+    def process(self, records: list) -> None:
+        t0 = time.perf_counter()
+        events: list[Interaction] = []
+        rejected: list[Rejected] = []
+        next_offsets: dict[int, int] = {}
+        for r in records:
+            src = Source(r.topic, r.partition, r.offset, r.timestamp)
+            parsed = parse_event(r.key, r.value, src, self.limits)
+            (events if isinstance(parsed, Interaction) else rejected).append(parsed)
+            next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
+        stored = self.store.get_many({e.user for e in events})
+        result = apply_batch(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
+        t1 = time.perf_counter()
+
+        for rej in rejected:
+            self.producer.send(self.settings.topic_dead_letter, key=rej.key, value=rej.value, headers=rej.headers())
+        for rec in result.recommendations:
+            self.producer.send(self.settings.topic_recommendations, key=rec.user.encode(), value=rec.to_bytes())
+        self.changelog.publish(result.records)  # flushes the changelog's own producer
+        self.producer.flush()
+        t2 = time.perf_counter()
+        self.store.commit(result.records, next_offsets)
+        t3 = time.perf_counter()
+        self._commit_group(next_offsets)
+
+        m = self.metrics
+        m.observe_batch(len(records))
+        for stage, secs in {**result.timings, "produce": t2 - t1, "store": t3 - t2}.items():
+            m.stage.labels(stage).observe(secs)
+        now_ms = time.time() * 1000
+        for rec in result.recommendations:
+            m.observe_latency(max(0.0, (now_ms - rec.source.kafka_ts_ms) / 1000))
+        m.events.labels("applied").inc(result.applied)
+        m.events.labels("duplicate").inc(result.duplicates)
+        m.events.labels("unknown_item").inc(result.unknown_items)
+        m.recommendations.inc(len(result.recommendations))
+        m.rebuilt.inc(result.rebuilt)
+        for rej in rejected:
+            m.dead_letters.labels(rej.reason).inc()
+        m.totals["events"] += result.applied
+        m.totals["duplicates"] += result.duplicates
+        m.totals["unknown_items"] += result.unknown_items
+        m.totals["recommendations"] += len(result.recommendations)
+        m.totals["dead_letters"] += len(rejected)
+        if rejected:
+            log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
+                        ", ".join(sorted({r.reason for r in rejected})))
+
+    def _commit_group(self, next_offsets: dict[int, int]) -> None:
+        from kafka.structs import OffsetAndMetadata, TopicPartition
+
+        try:
+            self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
+                                  for p, o in next_offsets.items()})
+        except Exception as exc:  # a rebalance in progress: the store already holds the truth
+            log.warning("worker: group offset commit failed (%s); the local store keeps the position", exc)
+
+    def _lag(self) -> int:
+        total = 0
+        try:
+            assigned = self.consumer.assignment()
+            ends = self.consumer.end_offsets(list(assigned)) if assigned else {}
+            for tp in assigned:
+                lag = max(0, ends.get(tp, 0) - self.consumer.position(tp))
+                self.metrics.lag.labels(str(tp.partition)).set(lag)
+                total += lag
+        except Exception:  # metrics must never take the worker down
+            pass
+        return total
+
+    def close(self) -> None:
+        for closer in (self.consumer.close, self.producer.close, self.changelog.close, self.store.close):
+            try:
+                closer()
+            except Exception as exc:
+                log.warning("worker: error while closing: %s", exc)
+
+
+def _listener_base():
+    from kafka import ConsumerRebalanceListener
+
+    return ConsumerRebalanceListener
+
+
+class _Rebalance(_listener_base()):
+    """kafka-python's rebalance callbacks, forwarded to the worker."""
+
+    def __init__(self, worker: StreamWorker) -> None:
+        self.worker = worker
+
+    def on_partitions_revoked(self, revoked) -> None:
+        if revoked:
+            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
+
+    def on_partitions_assigned(self, assigned) -> None:
+        if assigned:
+            log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
+            with self.worker._pending_lock:
+                self.worker._pending |= set(assigned)

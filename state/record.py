@@ -1,0 +1,238 @@
+"""One user's durable record: the model state plus the input position that produced it.
+
+Byte format (version 1, all integers little-endian), stored in rocksdict and as the value of
+the changelog topic::
+
+    fixed header, 38 bytes
+        magic         4s   b"LRUR"
+        version       u8   1
+        flags         u8   bit 0: event_id present (other bits must be 0)
+        partition     u32  interactions partition of the last applied event
+        offset        i64  its Kafka offset (>= 0)
+        events        i64  valid events applied to this user so far (>= 0)
+        last_ts       f64  event time of the last applied event, epoch seconds
+        n_window      u16  items in the window
+        reserved      u16  0
+    variable part (each string: u16 length in bytes, then UTF-8)
+        user, model_version, [event_id]
+        window        n_window u16 lengths, then the n_window UTF-8 items back to back
+        state         u32 length, then the bytes of UserState.to_bytes()
+    crc32c            u32  CRC-32C (Castagnoli) of everything before it
+
+The window's lengths come first so that encoding and decoding are one struct call and one
+join/slice pass, not one per item (50 items per user were most of the encoding time). CRC-32C
+(the ``crc32c`` package, a dependency of the project already) runs at ~15 GB/s against zlib's
+~2.6 GB/s: 1 us instead of 6.5 us for a 17 KB state. The crc catches a torn or corrupted changelog value or disk block that would otherwise decode
+into a plausible but wrong offset or window (the state bytes carry their own crc too).
+Overhead over the state bytes: 46 bytes + the strings.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from dataclasses import dataclass
+
+from crc32c import crc32c
+
+MAGIC = b"LRUR"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sBBIqqdHH")
+_U16 = struct.Struct("<H")
+_U32 = struct.Struct("<I")
+_FLAG_EVENT_ID = 0x01
+MAX_STRING_BYTES = 0xFFFF  # u16 length prefix
+MAX_WINDOW = 0xFFFF
+MAX_PARTITION = 0xFFFFFFFF
+MAX_INT64 = 2**63 - 1
+
+
+class RecordError(ValueError):
+    """Bytes that are not a valid UserRecord, or field values that cannot be encoded."""
+
+
+@dataclass(frozen=True)
+class UserRecord:
+    """One user's state and the position of the last interaction applied to it.
+
+    state: one user's ``UserState.to_bytes()`` (opaque here; the model version is inside too).
+    window: the user's most recent external item ids, oldest first (bounded by the worker).
+    events: valid events applied so far (known and unknown items).
+    partition, offset: Kafka position of the last applied event; the idempotence key.
+    last_ts: event time of that event, epoch seconds.
+    """
+
+    user: str
+    state: bytes
+    model_version: str
+    window: tuple[str, ...]
+    events: int
+    partition: int
+    offset: int
+    event_id: str | None
+    last_ts: float
+
+    def __post_init__(self) -> None:
+        # Accept any sequence for the window / bytes-like for the state, store immutable ones:
+        # the record is a value object shared between the store, the changelog and the worker.
+        if not isinstance(self.window, tuple):
+            object.__setattr__(self, "window", tuple(self.window))
+        if not isinstance(self.state, bytes):
+            object.__setattr__(self, "state", bytes(self.state))
+        if not isinstance(self.user, str) or not self.user:
+            raise RecordError(f"user must be a non-empty str, got {self.user!r}")
+        if not 0 <= self.partition <= MAX_PARTITION:
+            raise RecordError(f"partition out of range: {self.partition}")
+        if not 0 <= self.offset <= MAX_INT64:
+            raise RecordError(f"offset out of range: {self.offset}")
+        if not 0 <= self.events <= MAX_INT64:
+            raise RecordError(f"events out of range: {self.events}")
+        if len(self.window) > MAX_WINDOW:
+            raise RecordError(f"window of {len(self.window)} items exceeds {MAX_WINDOW}")
+        if not isinstance(self.last_ts, (int, float)) or not math.isfinite(self.last_ts):
+            raise RecordError(f"last_ts must be a finite number, got {self.last_ts!r}")
+
+    def already_applied(self, partition: int, offset: int) -> bool:
+        """True when the event at (partition, offset) is already reflected in this record.
+
+        The idempotence rule: a user's events all come from one partition, in offset order, so
+        an event at or below the last applied offset of the same partition was applied before
+        (re-delivered after a crash or a changelog restore). An event from another partition
+        (the topic's partition count changed) is never considered applied.
+        """
+        return partition == self.partition and offset <= self.offset
+
+    # --- bytes ---------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """The versioned binary form (module docstring). Raises RecordError if a string is too long."""
+        parts = [
+            _HEADER.pack(
+                MAGIC, FORMAT_VERSION, _FLAG_EVENT_ID if self.event_id is not None else 0,
+                self.partition, self.offset, self.events, float(self.last_ts), len(self.window), 0,
+            ),
+            _string(self.user, "user"),
+            _string(self.model_version, "model_version"),
+        ]
+        if self.event_id is not None:
+            parts.append(_string(self.event_id, "event_id"))
+        parts.extend(_pack_strings(self.window, "window item"))
+        if len(self.state) > 0xFFFFFFFF:
+            raise RecordError(f"state of {len(self.state)} bytes is too large")
+        parts.append(_U32.pack(len(self.state)))
+        parts.append(self.state)
+        body = b"".join(parts)
+        return body + _U32.pack(crc32c(body))
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> UserRecord:
+        """Reads ``to_bytes`` output. Raises RecordError (a ValueError) on anything malformed."""
+        blob = bytes(blob)
+        if len(blob) < 4 or blob[:4] != MAGIC:
+            raise RecordError(f"not a user record (bad magic bytes {blob[:4]!r}, expected {MAGIC!r})")
+        if len(blob) < 5:
+            raise RecordError("truncated user record: no format version")
+        if blob[4] != FORMAT_VERSION:
+            raise RecordError(f"unknown user-record format version {blob[4]} (this code reads {FORMAT_VERSION})")
+        if len(blob) < _HEADER.size + 4:
+            raise RecordError(f"truncated user record: {len(blob)} bytes, the header alone has {_HEADER.size}")
+        body, (crc,) = blob[:-4], _U32.unpack_from(blob, len(blob) - 4)
+        # Before the crc, check the lengths make sense, so a truncation is reported as one.
+        _, _, flags, partition, offset, events, last_ts, n_window, reserved = _HEADER.unpack_from(body)
+        reader = _Reader(body, _HEADER.size)
+        try:
+            user = reader.string("user")
+            model_version = reader.string("model_version")
+            event_id = reader.string("event_id") if flags & _FLAG_EVENT_ID else None
+            window = reader.strings(n_window, "window item")
+            state = reader.chunk(reader.u32("state length"), "state")
+        except _Truncated as e:
+            raise RecordError(f"truncated user record ({len(blob)} bytes): {e}") from None
+        if reader.pos != len(body):
+            raise RecordError(f"user record has {len(body) - reader.pos} unexpected trailing bytes")
+        if crc32c(body) != crc:
+            raise RecordError("user record checksum mismatch (corrupted bytes)")
+        if flags & ~_FLAG_EVENT_ID or reserved:
+            raise RecordError(f"unknown flags {flags:#x} / reserved field {reserved} in user record")
+        try:
+            return cls(user, state, model_version, window, events, partition, offset, event_id, last_ts)
+        except RecordError as e:
+            raise RecordError(f"invalid user record: {e}") from None
+
+
+def _utf8(s: str, what: str) -> bytes:
+    try:
+        raw = s.encode("utf-8")
+    except (UnicodeEncodeError, AttributeError) as e:
+        raise RecordError(f"{what} must be a str encodable as UTF-8: {e}") from None
+    if len(raw) > MAX_STRING_BYTES:
+        raise RecordError(f"{what} of {len(raw)} bytes exceeds {MAX_STRING_BYTES}")
+    return raw
+
+
+def _pack_strings(items: tuple[str, ...], what: str) -> tuple[bytes, bytes]:
+    """(u16 lengths, concatenated UTF-8) of ``items``; one encode call for ASCII ids (the usual case)."""
+    try:
+        joined = "".join(items)
+    except TypeError:
+        joined = None  # a non-str item: _utf8 below names it
+    if joined is not None and joined.isascii():
+        lengths = list(map(len, items))
+        if lengths and max(lengths) > MAX_STRING_BYTES:
+            raise RecordError(f"{what} of {max(lengths)} bytes exceeds {MAX_STRING_BYTES}")
+        data = joined.encode("ascii")
+    else:
+        raws = [_utf8(x, what) for x in items]
+        lengths, data = list(map(len, raws)), b"".join(raws)
+    return struct.pack(f"<{len(lengths)}H", *lengths), data
+
+
+def _string(s: str, what: str) -> bytes:
+    raw = _utf8(s, what)
+    return _U16.pack(len(raw)) + raw
+
+
+class _Truncated(Exception):
+    pass
+
+
+class _Reader:
+    """Sequential reads from a bytes body, raising _Truncated past its end."""
+
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data, self.pos = data, pos
+
+    def chunk(self, n: int, what: str) -> bytes:
+        end = self.pos + n
+        if end > len(self.data):
+            raise _Truncated(f"{what} needs {n} bytes at {self.pos}, {len(self.data) - self.pos} left")
+        out, self.pos = self.data[self.pos:end], end
+        return out
+
+    def u32(self, what: str) -> int:
+        return _U32.unpack(self.chunk(4, what))[0]
+
+    def strings(self, n: int, what: str) -> tuple[str, ...]:
+        """n strings stored as n u16 lengths, then their bytes back to back."""
+        lengths = struct.unpack(f"<{n}H", self.chunk(2 * n, f"{what} lengths"))
+        data = self.chunk(sum(lengths), f"{what}s")
+        # ASCII: byte lengths are character lengths, so decode once and slice the str.
+        whole = data.decode("ascii") if data.isascii() else None
+        parts = whole if whole is not None else data
+        out, pos = [], 0
+        for n_bytes in lengths:
+            out.append(parts[pos:pos + n_bytes])
+            pos += n_bytes
+        if whole is not None:
+            return tuple(out)
+        try:
+            return tuple(b.decode("utf-8") for b in out)
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{what} is not valid UTF-8: {e}") from None
+
+    def string(self, what: str) -> str:
+        n = _U16.unpack(self.chunk(2, f"{what} length"))[0]
+        try:
+            return self.chunk(n, what).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise RecordError(f"{what} is not valid UTF-8: {e}") from None

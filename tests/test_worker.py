@@ -1,0 +1,241 @@
+"""The stream worker against the real broker and a real rocksdict store, run as a user runs it
+(`linrec-stream worker` in a child process): exactly-once effect on state, dead letters,
+recommendations, crash recovery, two workers, restore from the changelog."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from consumers.events import encode_event
+from linrec_stream.kafka.topics import create_topics
+from linrec_stream.model import LinRecModel, ModelConfig
+from linrec_stream.settings import Settings
+from state.changelog import Changelog
+from state.store import StateStore
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.kafka
+
+NUM_ITEMS = 300
+PARTITIONS = 4
+
+
+@dataclass
+class Stream:
+    """One test's private topics, model and expected outcome."""
+
+    env: dict[str, str]
+    settings: Settings
+    model_dir: Path
+    model: LinRecModel
+    seqs: dict[str, list[int]]  # user -> item ids in stream order (valid events only)
+    last_offset: dict[str, tuple[int, int]]  # user -> (partition, offset) of their last valid event
+    malformed: dict[tuple[int, int], str]  # (partition, offset) -> expected reason
+
+
+@pytest.fixture
+def stream(broker: Settings, tmp_path: Path) -> Stream:
+    tag = uuid.uuid4().hex[:8]
+    env = {
+        "LINREC_TOPIC_INTERACTIONS": f"w-{tag}-in", "LINREC_TOPIC_RECOMMENDATIONS": f"w-{tag}-recs",
+        "LINREC_TOPIC_DEAD_LETTER": f"w-{tag}-dlq", "LINREC_TOPIC_MODEL_UPDATES": f"w-{tag}-models",
+        "LINREC_TOPIC_STATE_CHANGELOG": f"w-{tag}-changelog", "LINREC_WORKER_GROUP": f"w-{tag}",
+        "LINREC_INTERACTIONS_PARTITIONS": str(PARTITIONS), "LINREC_METRICS_PORT": "0",
+        "LINREC_SUMMARY_EVERY_S": "1", "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+    }
+    settings = Settings.load(env={**os.environ, **env})
+    create_topics(settings)
+    torch.manual_seed(0)
+    cfg = ModelConfig(num_items=NUM_ITEMS, hidden_size=16, num_layers=2, num_heads=2, attention="linrec",
+                      max_len=16, dropout=0.0, inner_size=32)
+    model = LinRecModel(cfg).eval()
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    model.save(model_dir / "model.pt")
+    (model_dir / "vocab.json").write_text(json.dumps({"items": ["<pad>"] + [f"item-{i}" for i in range(1, NUM_ITEMS + 1)]}))
+    return Stream(env, settings, model_dir, model, {}, {}, {})
+
+
+MALFORMED = [
+    (b"\xff\xfe not utf-8", "invalid_utf8"),
+    (b"{not json", "invalid_json"),
+    (b"[1, 2]", "not_an_object"),
+    (json.dumps({"user": "{user}", "ts": 1e9}).encode(), "missing_field"),
+    (json.dumps({"user": "{user}", "item": 5, "ts": 1e9}).encode(), "bad_type"),
+    (json.dumps({"user": "{user}", "item": "", "ts": 1e9}).encode(), "empty_field"),
+    (json.dumps({"user": "{user}", "item": "x" * 300, "ts": 1e9}).encode(), "oversized_field"),
+    (json.dumps({"user": "{user}", "item": "item-1", "ts": 1.7e12}).encode(), "bad_timestamp"),
+    (b'{"user": "{user}", "item": "item-1", "ts": NaN}', "bad_timestamp"),
+    (json.dumps({"user": "{user}", "item": "item-1", "ts": 1e9, "pad": "x" * 5000}).encode(), "oversized"),
+]
+
+
+def produce(stream: Stream, events: int, users: int, seed: int, malformed_every: int = 97) -> None:
+    """Produce a synthetic log (each user walks items with a preference) with malformed messages
+    mixed in; records the expected outcome in ``stream``."""
+    from kafka import KafkaProducer
+
+    rng = random.Random(seed)
+    producer = KafkaProducer(bootstrap_servers=stream.settings.bootstrap_servers, linger_ms=10)
+    futures = []
+    t = 1_000_000_000.0 + seed * 1e6
+    for i in range(events):
+        user = f"user-{rng.randrange(users)}"
+        if i % malformed_every == malformed_every - 1:
+            raw, reason = MALFORMED[(i // malformed_every) % len(MALFORMED)]
+            value = raw.replace(b"{user}", user.encode())
+            futures.append(("bad", reason, producer.send(stream.settings.topic_interactions, key=user.encode(),
+                                                          value=value)))
+            continue
+        item = rng.randrange(1, NUM_ITEMS + 1)
+        t += rng.random()
+        key, value = encode_event(user, f"item-{item}", t, event_id=f"e{seed}-{i}")
+        futures.append(("ok", (user, item), producer.send(stream.settings.topic_interactions, key=key, value=value)))
+    producer.flush()
+    for kind, what, fut in futures:
+        md = fut.get(timeout=30)
+        if kind == "bad":
+            stream.malformed[(md.partition, md.offset)] = what
+        else:
+            user, item = what
+            stream.seqs.setdefault(user, []).append(item)
+            stream.last_offset[user] = (md.partition, md.offset)
+    producer.close()
+
+
+def start_worker(stream: Stream, state_dir: Path, idle_exit: float | None = 6.0, batch_size: int = 256,
+                 log_path: Path | None = None) -> subprocess.Popen:
+    args = [sys.executable, "-m", "linrec_stream.cli", "worker", "--model", str(stream.model_dir),
+            "--state-dir", str(state_dir), "--batch-size", str(batch_size), "--batch-ms", "20", "--device", "cpu"]
+    if idle_exit is not None:
+        args += ["--idle-exit", str(idle_exit)]
+    out = open(log_path or os.devnull, "ab")
+    return subprocess.Popen(args, env={**os.environ, **stream.env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+
+
+def wait(proc: subprocess.Popen, timeout: float = 240) -> None:
+    assert proc.wait(timeout=timeout) == 0, f"worker exited with {proc.returncode}"
+
+
+def read_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
+    from kafka import KafkaConsumer
+
+    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
+                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=int(timeout_s * 1000))
+    records = list(consumer)
+    consumer.close()
+    return records
+
+
+def check_outcome(stream: Stream, records: dict) -> None:
+    """The three promises: exactly-once state, a recommendation naming each user's last event,
+    every malformed message in the dead-letter topic with its reason."""
+    model = stream.model
+    assert set(records) == set(stream.seqs), "every user with valid events has a state, and no one else"
+    users = sorted(stream.seqs)
+    for user in users:
+        rec, seq = records[user], stream.seqs[user]
+        assert rec.events == len(seq), f"{user}: {rec.events} events applied, log has {len(seq)}"
+        assert (rec.partition, rec.offset) == stream.last_offset[user]
+    # Each stored state equals the model's parallel encoding of the user's whole sequence.
+    for start in range(0, len(users), 128):
+        chunk = users[start:start + 128]
+        n = max(len(stream.seqs[u]) for u in chunk)
+        seq = torch.zeros(len(chunk), n, dtype=torch.int64)
+        for i, u in enumerate(chunk):
+            seq[i, n - len(stream.seqs[u]):] = torch.tensor(stream.seqs[u])
+        with torch.no_grad():
+            _, expected = model.encode(seq)
+        for i, u in enumerate(chunk):
+            got = model.load_state_bytes(records[u].state)
+            assert int(got.num_events[0]) == len(stream.seqs[u])
+            torch.testing.assert_close(got.S[0], expected[i].S[0], rtol=1e-4, atol=1e-5)
+
+    recs = read_topic(stream.settings, stream.settings.topic_recommendations)
+    named = {}
+    for r in recs:
+        body = json.loads(r.value)
+        assert body["model_version"] == model.version and len(body["items"]) == 10
+        named.setdefault(body["user"], set()).add((body["source"]["partition"], body["source"]["offset"]))
+    for user in users:
+        assert stream.last_offset[user] in named.get(user, set()), f"{user}: no recommendation for its last event"
+
+    dead = read_topic(stream.settings, stream.settings.topic_dead_letter)
+    got = {}
+    for r in dead:
+        h = {k: v.decode() for k, v in r.headers}
+        assert h["dlq.topic"] == stream.settings.topic_interactions
+        got[(int(h["dlq.partition"]), int(h["dlq.offset"]))] = h["dlq.reason"]
+    assert got == stream.malformed
+
+
+def stored_records(state_dir: Path) -> dict:
+    with StateStore(state_dir) as store:
+        return {r.user: r for r in store.records()}
+
+
+def test_replay_through_one_worker_applies_each_event_once(stream: Stream, tmp_path: Path):
+    produce(stream, events=20_000, users=500, seed=1)
+    assert len(stream.seqs) == 500 and len(stream.malformed) >= 200
+    wait(start_worker(stream, tmp_path / "state", log_path=tmp_path / "worker.log"))
+    check_outcome(stream, stored_records(tmp_path / "state"))
+    log = (tmp_path / "worker.log").read_text()
+    assert "malformed event(s)" in log and "partitions assigned" in log
+
+
+def test_sigkill_twice_then_restart(stream: Stream, tmp_path: Path):
+    produce(stream, events=20_000, users=500, seed=2)
+    state, rng = tmp_path / "state", random.Random(7)
+    for run in range(2):
+        log = tmp_path / f"killed-{run}.log"
+        proc = start_worker(stream, state, idle_exit=None, batch_size=64, log_path=log)
+        deadline = time.monotonic() + 120
+        # Wait until it is applying events (a batch committed), then kill it somewhere mid-stream.
+        while not re.search(r"totals: [1-9]", log.read_text() if log.exists() else "") \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(rng.uniform(0.0, 2.0))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert re.search(r"totals: [1-9]", log.read_text()), "the worker never applied events"
+    wait(start_worker(stream, state, log_path=tmp_path / "worker.log"))
+    check_outcome(stream, stored_records(state))
+
+
+def test_two_workers_share_the_partitions(stream: Stream, tmp_path: Path):
+    produce(stream, events=20_000, users=500, seed=3)
+    a = start_worker(stream, tmp_path / "a", idle_exit=8, log_path=tmp_path / "a.log")
+    b = start_worker(stream, tmp_path / "b", idle_exit=8, log_path=tmp_path / "b.log")
+    wait(a)
+    wait(b)
+    assigned = [(tmp_path / n).read_text() for n in ("a.log", "b.log")]
+    assert all("partitions assigned" in text for text in assigned)
+    # A machine recovering every partition from the changelog sees the final states.
+    fresh = StateStore(tmp_path / "recovered")
+    Changelog(stream.settings.bootstrap_servers, stream.settings.topic_state_changelog).restore(
+        fresh, range(PARTITIONS))
+    records = {r.user: r for r in fresh.records()}
+    fresh.close()
+    check_outcome(stream, records)
+
+
+def test_empty_state_dir_restores_from_the_changelog(stream: Stream, tmp_path: Path):
+    produce(stream, events=8_000, users=500, seed=4)
+    wait(start_worker(stream, tmp_path / "first"))
+    produce(stream, events=8_000, users=500, seed=5)  # more events, then a worker on a new machine
+    wait(start_worker(stream, tmp_path / "second", log_path=tmp_path / "second.log"))
+    assert "restored" in (tmp_path / "second.log").read_text()
+    check_outcome(stream, stored_records(tmp_path / "second"))
