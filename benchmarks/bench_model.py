@@ -119,7 +119,25 @@ def fmt_rate(x: float) -> str:
 # --- (a) bringing a user up to date ------------------------------------------------------------
 
 
+TIMED_A = ("linrec_step", "softmax_step", "linrec_reencode", "softmax_reencode")
+
+
 def part_a(args, cfg: ModelConfig) -> dict:
+    """``args.passes`` passes over the grid; each cell keeps its best time over the passes."""
+    best: dict[tuple[int, int], dict] = {}
+    for p in range(args.passes):
+        print(f" pass {p + 1}/{args.passes}", flush=True)
+        for row in _part_a_pass(args, cfg):
+            key = (row["B"], row["N"])
+            if key in best:
+                for k in TIMED_A:
+                    best[key][k] = min(best[key][k], row[k])
+            else:
+                best[key] = row
+    return {"rows": list(best.values()), "passes": args.passes}
+
+
+def _part_a_pass(args, cfg: ModelConfig) -> list[dict]:
     dev = args.device
     lin = build(replace(cfg, attention="linrec"), dev)
     sm = build(replace(cfg, attention="softmax"), dev)
@@ -150,7 +168,7 @@ def part_a(args, cfg: ModelConfig) -> dict:
                 + ("" if sub == B else f"  (re-encode timed on {sub} rows)"),
                 flush=True,
             )
-    return {"rows": results}
+    return results
 
 
 def report_a(res: dict) -> str:
@@ -173,6 +191,7 @@ def report_a(res: dict) -> str:
     note = (
         "\nev/s = users brought up to date per second (one new event each). Ratios: how many times"
         " faster the linrec one-event step is. * re-encode timed on a sub-batch and scaled to B rows."
+        f" Best of {res['passes']} passes."
     )
     return table(headers, rows) + note
 
@@ -224,6 +243,22 @@ TRAIN_CASES = [("linrec", True), ("softmax", True), ("softmax", False)]
 
 
 def part_b(args, cfg: ModelConfig) -> dict:
+    """Each configuration in a fresh process, ``args.passes`` times; the best time and the
+    smallest peak are kept (other processes on the machine only ever add to either)."""
+    best: dict[tuple, dict] = {}
+    for p in range(args.passes):
+        print(f" pass {p + 1}/{args.passes}", flush=True)
+        for r in _part_b_pass(args, cfg):
+            key = (r["N"], r["variant"], r["padded"])
+            if key in best:
+                best[key]["seconds"] = min(best[key]["seconds"], r["seconds"])
+                best[key]["peak_bytes"] = min(best[key]["peak_bytes"], r["peak_bytes"])
+            else:
+                best[key] = r
+    return {"rows": list(best.values()), "batch": args.train_batch, "passes": args.passes}
+
+
+def _part_b_pass(args, cfg: ModelConfig) -> list[dict]:
     rows = []
     for N in args.train_ns:
         for variant, padded in TRAIN_CASES:
@@ -245,7 +280,7 @@ def part_b(args, cfg: ModelConfig) -> dict:
                 f"{r['seconds'] * 1e3:9.1f} ms  peak +{r['peak_bytes'] / 2**20:8.1f} MiB",
                 flush=True,
             )
-    return {"rows": rows, "batch": args.train_batch}
+    return rows
 
 
 def _train_ratios(res: dict) -> list[dict]:
@@ -276,10 +311,10 @@ def report_b(res: dict, device: str) -> str:
         for r in _train_ratios(res)
     ]
     t2 = table(
-        ["N", "softmax/linrec time", "softmax/linrec memory", "softmax (no padding, fused kernel)/linrec time", "… memory"],
+        ["N", "softmax/linrec time", "softmax/linrec memory", "softmax (no padding, is_causal)/linrec time", "… memory"],
         ratio_rows,
     )
-    return f"batch {res['batch']}\n\n{t1}\n\n{t2}"
+    return f"batch {res['batch']}, best of {res['passes']} passes\n\n{t1}\n\n{t2}"
 
 
 # --- chunked vs masked crossover ---------------------------------------------------------------
@@ -320,8 +355,14 @@ def report_crossover(res: dict) -> str:
 def part_parity(args, cfg: ModelConfig) -> dict:
     dev, rows = args.device, []
     users, hist, more = args.parity_users, args.parity_history, args.parity_continue
-    for variant in [n for n, op in OPS.items() if op.streamable]:
-        model = build(replace(cfg, attention=variant), dev)
+    if args.parity_checkpoint:  # trained models: the loss depends on the weights
+        models = [(str(p), LinRecModel.load(p, map_location=dev)) for p in args.parity_checkpoint]
+    else:
+        models = [
+            ("random init", build(replace(cfg, attention=v), dev)) for v, op in OPS.items() if op.streamable
+        ]
+    for source, model in models:
+        variant, cfg = model.config.attention, model.config
         g = torch.Generator().manual_seed(1)
         seq = torch.randint(1, cfg.num_items + 1, (users, hist), generator=g).to(dev)
         nxt = torch.randint(1, cfg.num_items + 1, (more, users), generator=g).to(dev)
@@ -335,6 +376,10 @@ def part_parity(args, cfg: ModelConfig) -> dict:
             for dtype in (torch.float32, torch.float16, torch.bfloat16):
                 blobs = [s.to_bytes(dtype) for s in singles]
                 st = UserState.stack([model.load_state_bytes(b) for b in blobs])
+                # the stored tensors' own rounding error (relative, over all users)
+                stored = [t for t in (st.S, st.z, st.k, st.v) if t is not None]
+                orig = [t for t in (state.S, state.z, state.k, state.v) if t is not None]
+                state_err = max(((a - b).norm() / b.norm()).item() for a, b in zip(stored, orig))
                 errs, top = [], []
                 for t in range(more):
                     h, st = model.step(st, nxt[t])
@@ -344,7 +389,8 @@ def part_parity(args, cfg: ModelConfig) -> dict:
                     top.append(torch.tensor([len(set(x.tolist()) & set(y.tolist())) / 10 for x, y in zip(a, b)]))
                 e = torch.stack(errs)
                 rows.append({
-                    "variant": variant, "dtype": str(dtype).replace("torch.", ""),
+                    "model": source, "variant": variant, "dtype": str(dtype).replace("torch.", ""),
+                    "state_rel": state_err,
                     "bytes": len(blobs[0]), "max_rel": e.max().item(), "mean_rel": e.mean().item(),
                     "top10": torch.stack(top).mean().item(),
                 })
@@ -354,13 +400,15 @@ def part_parity(args, cfg: ModelConfig) -> dict:
 
 def report_parity(res: dict) -> str:
     rows = [
-        [r["variant"], r["dtype"], f"{r['bytes']:,}", f"{r['max_rel']:.2e}", f"{r['mean_rel']:.2e}", f"{r['top10']:.4f}"]
+        [r["model"], r["variant"], r["dtype"], f"{r['bytes']:,}", f"{r['state_rel']:.2e}", f"{r['max_rel']:.2e}",
+         f"{r['mean_rel']:.2e}", f"{r['top10']:.4f}"]
         for r in res["rows"]
     ]
     return (
         f"{res['users']} users, state after {res['history']} events stored in the dtype, then "
         f"{res['continue']} more events stepped in float32; compared with the float32 state never stored.\n\n"
-        + table(["attention", "stored as", "bytes/user", "max rel. err of h", "mean rel. err", "top-10 overlap"], rows)
+        + table(["model", "attention", "stored as", "bytes/user", "rel. err of the stored state",
+                 "max rel. err of h", "mean rel. err of h", "top-10 overlap"], rows)
     )
 
 
@@ -403,8 +451,8 @@ def plot(results: dict, path: Path) -> None:
             Ns = [r["N"] for r in ratios]
             ax.plot(Ns, [r["time"] for r in ratios], "o-", label="time, softmax / linrec")
             ax.plot(Ns, [r["mem"] for r in ratios], "s-", label="peak memory, softmax / linrec")
-            ax.plot(Ns, [r["time_flash"] for r in ratios], "o:", label="time, fused softmax (no padding) / linrec")
-            ax.plot(Ns, [r["mem_flash"] for r in ratios], "s:", label="memory, fused softmax / linrec")
+            ax.plot(Ns, [r["time_flash"] for r in ratios], "o:", label="time, softmax without padding / linrec")
+            ax.plot(Ns, [r["mem_flash"] for r in ratios], "s:", label="memory, softmax without padding / linrec")
             ax.axhline(1.0, color="grey", lw=0.8)
             ax.set_xscale("log")
             ax.set_yscale("log")
@@ -431,18 +479,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ns", type=ints, default=[50, 200, 1000, 5000], help="(a) history lengths")
     p.add_argument("--batches", type=ints, default=[1, 256], help="(a) batch sizes")
-    p.add_argument("--reencode-tokens", type=int, default=256_000,
+    p.add_argument("--reencode-tokens", type=int, default=64_000,
                    help="(a) largest B×N re-encoded at once; larger cases are timed on a sub-batch and scaled")
     p.add_argument("--max-time", type=float, default=6.0, help="seconds of repeated runs per measurement, at most")
+    p.add_argument("--passes", type=int, default=2,
+                   help="(a), (b): passes over the whole grid, best per cell (a shared machine only adds time)")
     p.add_argument("--train-ns", type=ints, default=[200, 1000, 4000], help="(b) sequence lengths")
     p.add_argument("--train-batch", type=int, default=4, help="(b) batch size")
     p.add_argument("--repeats", type=int, default=2, help="(b) timed runs per configuration (best)")
-    p.add_argument("--crossover-ns", type=ints, default=[32, 64, 128, 256, 512, 1024, 2048])
+    p.add_argument("--crossover-ns", type=ints, default=[32, 64, 128, 192, 256, 512, 1024])
     p.add_argument("--crossover-batch", type=int, default=32)
     p.add_argument("--chunk-sizes", type=ints, default=[32, 64, 128])
     p.add_argument("--parity-users", type=int, default=64)
     p.add_argument("--parity-history", type=int, default=200)
     p.add_argument("--parity-continue", type=int, default=50)
+    p.add_argument("--parity-checkpoint", type=Path, action="append",
+                   help="trained model(s) saved by LinRecModel.save to measure instead of random inits")
     p.add_argument("--num-items", type=int, default=3706)
     p.add_argument("--hidden", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)

@@ -35,6 +35,9 @@ class ServingModel:
     model: LinRecModel
     vocab: list[str]  # external id of each item id; vocab[0] is padding
     index: dict[str, int]
+    # Computed once: the model's version hashes its weights, far too slow to ask per user.
+    version: str
+    empty: UserState  # a new user's state (a value: stacking copies it)
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str = "cpu") -> "ServingModel":
@@ -46,11 +49,12 @@ class ServingModel:
         vocab = json.loads(vocab_file.read_text())["items"]
         if len(vocab) != model.config.num_items + 1:
             raise ValueError(f"{vocab_file} has {len(vocab) - 1} items, the model {model.config.num_items}")
-        return cls(model, vocab, {s: k for k, s in enumerate(vocab) if k > 0})
+        return cls.of(model, vocab)
 
-    @property
-    def version(self) -> str:
-        return self.model.version
+    @classmethod
+    def of(cls, model: LinRecModel, vocab: list[str]) -> "ServingModel":
+        model = model.eval()
+        return cls(model, vocab, {s: k for k, s in enumerate(vocab) if k > 0}, model.version, model.init_state(1))
 
     def ids(self, items: list[str] | tuple[str, ...]) -> list[int]:
         """Model ids of the known items among ``items`` (unknown ones dropped)."""
@@ -157,9 +161,11 @@ def apply_batch(
 def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResult) -> UserState:
     model = serving.model
     if rec is None:
-        return model.init_state(1)
+        return serving.empty
     try:
-        return model.load_state_bytes(rec.state)
+        state = UserState.from_bytes(rec.state)
+        state.check_model(model, version=serving.version)
+        return state.to(model.device, model.dtype)
     except StateMismatchError:
         # Built by another model version: rebuild it under this one from the recent window.
         result.rebuilt += 1
@@ -169,7 +175,7 @@ def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResu
 def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
     """The state this model reaches from an empty history by applying ``window``'s known items."""
     ids = serving.ids(window)
-    state = serving.model.init_state(1)
+    state = serving.empty
     if not ids:
         return state
     _, state = serving.model.encode(torch.tensor([ids], device=serving.model.device), state)

@@ -11,7 +11,11 @@ recommendations (key = user id), value JSON::
 
     {"v": 1, "user": str, "items": [K external ids], "scores": [K floats], "model_version": str,
      "source": {"topic": str, "partition": int, "offset": int}, "event_id": str | null,
-     "event_ts": float, "produced_at": float}
+     "event_ts": float, "ingested_at": float, "produced_at": float}
+
+``event_ts`` is the event's own time; ``ingested_at`` its Kafka timestamp and ``produced_at``
+the time the recommendation was made (both epoch seconds): their difference is the
+end-to-end latency.
 
 ``source`` names the user's newest event applied, so a consumer can drop duplicates
 (recommendations are at-least-once).
@@ -149,5 +153,6 @@ class Recommendation:
             "v": FORMAT_VERSION, "user": self.user, "items": self.items,
             "scores": [round(x, 6) for x in self.scores], "model_version": self.model_version,
             "source": {"topic": s.topic, "partition": s.partition, "offset": s.offset},
-            "event_id": self.event_id, "event_ts": self.event_ts, "produced_at": self.produced_at,
+            "event_id": self.event_id, "event_ts": self.event_ts, "ingested_at": s.kafka_ts_ms / 1000,
+            "produced_at": self.produced_at,
         }, separators=(",", ":")).encode("utf-8")

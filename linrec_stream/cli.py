@@ -149,9 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     qs = sub.add_parser(
         "quickstart", parents=[common],
-        help="the main job on one machine: local broker, topics, a verified round trip",
+        help="the main job on one machine: broker, ML-1M, a model, a worker, replay, live recommendations",
     )
-    qs.add_argument("--messages", type=int, default=10_000)
+    qs.add_argument("--data", default="ml-1m", metavar="ml-1m|ml-100k|PATH")
+    qs.add_argument("--model", type=Path, metavar="DIR", help="a trained model (default: train a small one once)")
+    qs.add_argument("--warm-fraction", type=float, default=0.9, help="share of the log (by time) to warm up with")
+    qs.add_argument("--live-rate", type=float, default=1000.0, help="events/s for the rest")
+    qs.add_argument("--train-epochs", type=int, default=3)
     qs.set_defaults(func=_quickstart)
     return parser
 
@@ -389,14 +393,16 @@ def _settings(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _quickstart(settings: Settings, args: argparse.Namespace) -> int:
-    local = settings.bootstrap_servers == settings.local_bootstrap
-    if local:
-        _kafka_start(settings, args)
-    _topics_create(settings, args)
-    code = _kafka_check(settings, args)
-    if local:
-        print("the broker keeps running for the next steps; `linrec-stream kafka stop` stops it")
-    return code
+    from linrec_stream.quickstart import QuickstartOptions, quickstart
+
+    if not 0 < args.warm_fraction < 1:
+        raise UsageError("--warm-fraction must be between 0 and 1")
+    if args.live_rate <= 0 or args.train_epochs < 1:
+        raise UsageError("--live-rate must be > 0 and --train-epochs >= 1")
+    if args.model is not None and not (args.model / "model.pt").exists():
+        raise UsageError(f"--model {args.model}: no model.pt there")
+    opts = QuickstartOptions(args.data, args.model, args.warm_fraction, args.live_rate, args.train_epochs)
+    return quickstart(settings, opts, log=lambda m: print(m, flush=True))
 
 
 def _not_built(command: str, issue: int) -> Callable[[Settings, argparse.Namespace], int]:

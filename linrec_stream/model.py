@@ -66,7 +66,7 @@ class ModelConfig:
     dropout: on embeddings, attention output and feed-forward output (RecBole hidden_dropout).
     attn_dropout: on softmax attention probabilities (None: same as dropout; linear variants
         have no attention matrix and ignore it).
-    inner_size: feed-forward width.
+    inner_size: feed-forward width (256: RecBole SASRec's default).
     positions: "learned" (clamped at max_len - 1, see the module docstring) or "none".
     parallel_form: "auto" (masked N×N form up to ops.MASKED_MAX_LEN, chunked above),
         "chunked" or "masked": how the parallel linear forms sum over time.
@@ -192,12 +192,21 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    """One transformer layer: attention sublayer, then feed-forward sublayer."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.attention = Attention(cfg)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x, mask, state, output_final_state, recurrent):
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None,
+        state: LinearState | KVCache | None,
+        output_final_state: bool,
+        recurrent: bool,
+    ) -> tuple[Tensor, LinearState | KVCache | None]:
         x, state = self.attention(x, mask, state, output_final_state, recurrent)
         return self.feed_forward(x), state
 

@@ -107,6 +107,7 @@ class Settings:
     recent_window: int = _setting(200, "recent item ids kept per user (excluded from recommendations)", _check_positive)
     max_event_bytes: int = _setting(4096, "larger interaction messages go to the dead-letter topic", _check_positive)
     max_id_chars: int = _setting(256, "longest user or item id accepted", _check_positive)
+    worker_threads: int = _setting(1, "worker: torch CPU threads (small micro-batch tensors favour 1)", _check_positive)
     session_timeout_ms: int = _setting(
         10_000, "worker: consumer group session timeout; a crashed worker's partitions move after this", _check_positive
     )

@@ -1,0 +1,252 @@
+"""The main job on one machine, end to end, with real parts only:
+
+local Kafka broker -> ML-1M fetched -> a model (trained quickly, or reused) -> a stream worker
+-> the first 90% of the log (by time) replayed to warm every user's state -> the last 10%
+replayed at a steady rate while live recommendations are shown -> a summary. It stops what it
+started (the broker only if it was not already running).
+
+Its topics are private (``quickstart-*``, recreated on every run) and so are its state store and
+consumer group, so a run never mixes with a previous one or with a production setup.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from linrec_stream.settings import Settings
+
+Log = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class QuickstartOptions:
+    data: str = "ml-1m"
+    model_dir: Path | None = None  # default: <runtime>/quickstart/model, trained when absent
+    warm_fraction: float = 0.9
+    live_rate: float = 1000.0  # events/s for the last part
+    train_epochs: int = 3
+    show: int = 12  # live recommendations printed
+
+
+def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) -> int:
+    from linrec_stream.kafka.broker import LocalBroker
+    from linrec_stream.kafka.topics import create_topics
+
+    t_start = time.monotonic()
+    home = settings.path(settings.runtime_dir) / "quickstart"
+    home.mkdir(parents=True, exist_ok=True)
+    broker = LocalBroker(settings)
+    started_broker = False
+    if settings.bootstrap_servers == settings.local_bootstrap:
+        res = broker.start(log=log)
+        started_broker = not res.already_running
+        log(f"[1/6] Kafka at {settings.bootstrap_servers}"
+            + (f" (started in {res.seconds:.1f}s)" if started_broker else " (already running)"))
+    qs = settings.replace(
+        topic_interactions="quickstart-interactions", topic_recommendations="quickstart-recommendations",
+        topic_dead_letter="quickstart-interactions-dlq", topic_model_updates="quickstart-model-updates",
+        topic_state_changelog="quickstart-user-state-changelog", worker_group=f"quickstart-{uuid.uuid4().hex[:8]}",
+        state_dir=home / "state", metrics_port=0, summary_every_s=15.0, batch_size=512, batch_ms=50,
+    )
+    worker = None
+    try:
+        _recreate_topics(qs)
+        create_topics(qs)
+        from linrec_stream.data import resolve_data
+
+        path = resolve_data(opts.data, settings.path(settings.data_dir), log=log)
+        log(f"[2/6] data: {path}")
+        model_dir = opts.model_dir or home / "model"
+        if not (model_dir / "model.pt").exists():
+            _train_quick(path, model_dir, settings, opts.train_epochs, log)
+        log(f"[3/6] model: {model_dir}")
+        if qs.state_dir.exists():
+            shutil.rmtree(qs.state_dir)
+        worker = _start_worker(qs, model_dir, home / "worker.log")
+        log(f"[4/6] worker started (pid {worker.pid}, log {home / 'worker.log'})")
+
+        from linrec_stream.replay import ReplayPlan, ordered_events, replay
+
+        _, _, ts = ordered_events(ReplayPlan(path, qs.topic_interactions))
+        cut = float(ts[int(len(ts) * opts.warm_fraction)])
+        t_warm = time.monotonic()
+        warm = replay(ReplayPlan(path, qs.topic_interactions, to_ts=cut), qs.bootstrap_servers)
+        log(f"[5/6] warm-up: {warm.describe()}; waiting for the worker to apply them ...")
+        _wait_caught_up(qs, worker, warm.sent, log)
+        warm_s = time.monotonic() - t_warm
+        log(f"      worker caught up: {warm.sent:,} events applied in {warm_s:.0f}s ({warm.sent / warm_s:,.0f}/s)")
+
+        watcher = _RecWatcher(qs, opts.show, log)
+        watcher.start()
+        live = replay(ReplayPlan(path, qs.topic_interactions, rate=opts.live_rate, from_ts=cut), qs.bootstrap_servers)
+        _wait_caught_up(qs, worker, warm.sent + live.sent, log)
+        time.sleep(1.0)
+        watcher.stop()
+        log(f"[6/6] live: {live.describe()}")
+        dead = _count(qs, qs.topic_dead_letter)
+        _summary(warm, live, watcher, dead, time.monotonic() - t_start, log)
+        return 0
+    finally:
+        if worker is not None and worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)
+            try:
+                worker.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                worker.kill()
+        if started_broker:
+            broker.stop()
+            log("stopped the Kafka broker this run started")
+
+
+def _recreate_topics(s: Settings) -> None:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    try:
+        names = [s.topic_interactions, s.topic_recommendations, s.topic_dead_letter, s.topic_state_changelog]
+        existing = [n for n in names if n in set(admin.list_topics())]
+        if existing:
+            admin.delete_topics(existing)
+            deadline = time.monotonic() + 30
+            while set(existing) & set(admin.list_topics()) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            time.sleep(1.0)  # let deletion settle before recreating the same names
+    finally:
+        admin.close()
+
+
+def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Log) -> None:
+    import torch
+
+    from linrec_stream.experiment import prepare, run_training
+    from linrec_stream.model import ModelConfig
+    from linrec_stream.train import TrainConfig, resolve_device
+
+    log(f"[3/6] no model yet: training a small LinRec ({epochs} epochs; `linrec-stream train` makes better ones)")
+    prepared = prepare(str(path), settings.path(settings.data_dir), log=log)
+    mc = ModelConfig(num_items=prepared.split.data.num_items, hidden_size=32, num_layers=2, num_heads=2,
+                     attention="linrec", max_len=50, dropout=0.2, inner_size=64)
+    tc = TrainConfig(epochs=epochs, batch_size=256, lr=2e-3, patience=epochs)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    run_training(prepared, mc, tc, out, resolve_device(settings.device), progress=True, log=log)
+
+
+def _start_worker(s: Settings, model_dir: Path, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, **{f"LINREC_{k.upper()}": str(getattr(s, k)) for k in (
+        "bootstrap_servers", "topic_interactions", "topic_recommendations", "topic_dead_letter",
+        "topic_model_updates", "topic_state_changelog", "worker_group", "metrics_port", "summary_every_s",
+        "interactions_partitions")}}
+    cmd = [sys.executable, "-m", "linrec_stream.cli", "worker", "--model", str(model_dir), "--state-dir",
+           str(s.state_dir), "--batch-size", str(s.batch_size), "--batch-ms", str(s.batch_ms)]
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+
+
+def _group_position(s: Settings) -> int:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    try:
+        offsets = admin.list_group_offsets(s.worker_group).get(s.worker_group, {})
+        return sum(o.offset for tp, o in offsets.items() if tp.topic == s.topic_interactions and o.offset > 0)
+    finally:
+        admin.close()
+
+
+def _wait_caught_up(s: Settings, worker: subprocess.Popen, total: int, log: Log, timeout_s: float = 3600) -> None:
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="ev", desc="worker applied", smoothing=0.1)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            if worker.poll() is not None:
+                raise RuntimeError(f"the worker exited with code {worker.returncode}; see its log")
+            done = _group_position(s)
+            bar.update(max(0, min(done, total) - bar.n))
+            if done >= total:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the worker did not catch up within {timeout_s:.0f}s")
+            time.sleep(0.5)
+    finally:
+        bar.close()
+
+
+def _count(s: Settings, topic: str) -> int:
+    from kafka import KafkaConsumer
+    from kafka.structs import TopicPartition
+
+    c = KafkaConsumer(bootstrap_servers=s.bootstrap_servers)
+    try:
+        parts = [TopicPartition(topic, p) for p in (c.partitions_for_topic(topic) or [])]
+        begins, ends = c.beginning_offsets(parts), c.end_offsets(parts)
+        return sum(ends[p] - begins[p] for p in parts)
+    finally:
+        c.close()
+
+
+class _RecWatcher:
+    """Reads the recommendations topic in a thread: latencies, and a few printed as they come."""
+
+    def __init__(self, s: Settings, show: int, log: Log) -> None:
+        self.s, self.show, self.log = s, show, log
+        self.latencies: list[float] = []
+        self.last: dict[str, dict] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from kafka import KafkaConsumer
+
+        c = KafkaConsumer(self.s.topic_recommendations, bootstrap_servers=self.s.bootstrap_servers,
+                          auto_offset_reset="latest", enable_auto_commit=False, group_id=None)
+        shown, next_show = 0, time.monotonic()
+        try:
+            while not self._stop.is_set():
+                for records in c.poll(timeout_ms=300).values():
+                    for r in records:
+                        rec = json.loads(r.value)
+                        self.latencies.append(rec["produced_at"] - rec["ingested_at"])
+                        self.last[rec["user"]] = rec
+                        if shown < self.show and time.monotonic() >= next_show:
+                            shown += 1
+                            next_show = time.monotonic() + 2.0
+                            self.log(f"  live  {rec['user']:>8}: " + " | ".join(rec["items"][:3]) + " ...")
+        finally:
+            c.close()
+
+
+def _summary(warm, live, watcher: _RecWatcher, dead: int, total_s: float, log: Log) -> None:
+    lat = np.array(watcher.latencies) * 1000 if watcher.latencies else np.array([np.nan])
+    log("")
+    log("summary")
+    log(f"  events replayed     {warm.sent + live.sent:,} ({warm.sent:,} warm-up, {live.sent:,} live)")
+    log(f"  live rate           {live.sent / max(live.seconds, 1e-9):,.0f} events/s offered, "
+        f"{len(watcher.latencies):,} recommendations received")
+    log(f"  end-to-end latency  p50 {np.percentile(lat, 50):.0f} ms, p99 {np.percentile(lat, 99):.0f} ms "
+        "(event into Kafka -> recommendation produced)")
+    log(f"  dead letters        {dead}")
+    log(f"  total time          {total_s:.0f}s")
+    for user in list(watcher.last)[-3:]:
+        rec = watcher.last[user]
+        log(f"  {user}: " + "; ".join(rec["items"][:5]))
