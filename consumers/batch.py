@@ -180,3 +180,60 @@ def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
         return state
     _, state = serving.model.encode(torch.tensor([ids], device=serving.model.device), state)
     return state
+
+
+@torch.inference_mode()
+def reencode_batch(
+    serving: ServingModel,
+    stored: dict[str, UserRecord],
+    events: list[Interaction],
+    top_k: int,
+    window: int,
+    now: float | None = None,
+) -> BatchResult:
+    """The baseline a user would otherwise run: no state, each touched user's last ``window``
+    items re-encoded from scratch (e.g. with softmax SASRec) on every micro-batch. Same inputs
+    and outputs as :func:`apply_batch`, so the worker can run either; used by the benchmark."""
+    t0 = time.perf_counter()
+    model = serving.model
+    per_user: OrderedDict[str, list[Interaction]] = OrderedDict()
+    result = BatchResult([], [])
+    for ev in events:
+        rec = stored.get(ev.user)
+        if rec is not None and rec.already_applied(ev.source.partition, ev.source.offset):
+            result.duplicates += 1
+            continue
+        per_user.setdefault(ev.user, []).append(ev)
+    users = list(per_user)
+    if not users:
+        return result
+    windows = []
+    for user in users:
+        old = stored[user].window if user in stored else ()
+        windows.append(tuple((*old, *(e.item for e in per_user[user])))[-window:])
+    ids = [serving.ids(w) or [0] for w in windows]
+    n = max(len(x) for x in ids)
+    seq = torch.zeros(len(users), n, dtype=torch.int64)
+    for row, x in enumerate(ids):
+        seq[row, n - len(x):] = torch.tensor(x)
+    t1 = time.perf_counter()
+    h_last = model(seq.to(model.device))[:, -1]  # (U, D)
+    t2 = time.perf_counter()
+    scores = model.score(h_last).float()
+    for row, x in enumerate(ids):
+        scores[row, torch.tensor(x, device=scores.device)] = float("-inf")
+    vals, idx = scores.topk(min(top_k, model.config.num_items), dim=1)
+    t3 = time.perf_counter()
+    produced_at = time.time() if now is None else now
+    for row, user in enumerate(users):
+        evs, rec = per_user[user], stored.get(user)
+        last = evs[-1]
+        result.applied += len(evs)
+        result.records.append(UserRecord(user, b"", serving.version, windows[row],
+                                         (rec.events if rec else 0) + len(evs), last.source.partition,
+                                         last.source.offset, last.event_id, last.ts))
+        result.recommendations.append(Recommendation(
+            user, [serving.vocab[i] for i in idx[row].tolist()], vals[row].tolist(), serving.version, last.source,
+            last.event_id, last.ts, produced_at))
+    result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": time.perf_counter() - t3}
+    return result

@@ -36,7 +36,9 @@ class WorkerMetrics:
         self._since = time.monotonic()
         self._events_since = 0
         self._batches_since = 0
-        self.totals = {"events": 0, "dead_letters": 0, "recommendations": 0, "duplicates": 0, "unknown_items": 0}
+        self.totals = {"events": 0, "dead_letters": 0, "recommendations": 0, "duplicates": 0, "unknown_items": 0,
+                       "batches": 0}
+        self.stage_seconds: dict[str, float] = {}  # cumulative, per stage (for profiles and benchmarks)
 
     def serve(self, port: int) -> None:
         """Expose /metrics on ``port`` (0: do not)."""
@@ -47,8 +49,13 @@ class WorkerMetrics:
         self.latency.observe(seconds)
         self._recent_latency.append(seconds)
 
+    def observe_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(stage).observe(seconds)
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
+
     def observe_batch(self, events: int) -> None:
         self.batch_size.observe(events)
+        self.totals["batches"] += 1
         self._events_since += events
         self._batches_since += 1
 

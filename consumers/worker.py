@@ -28,6 +28,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -48,6 +49,8 @@ class WorkerOptions:
     batch_size: int
     batch_ms: int
     device: str = "cpu"
+    # The batch function: apply_batch (state updates); reencode_batch is the benchmark's baseline.
+    apply: Callable = apply_batch
 
 
 class StreamWorker:
@@ -127,7 +130,10 @@ class StreamWorker:
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
+                t_poll = time.perf_counter()
                 records = self._take()
+                if records:
+                    self.metrics.observe_stage("poll", time.perf_counter() - t_poll)
                 if records or not self.consumer.assignment():
                     # Idle means caught up on assigned partitions, not waiting for a rebalance.
                     idle_since = time.monotonic()
@@ -175,8 +181,10 @@ class StreamWorker:
             parsed = parse_event(r.key, r.value, src, self.limits)
             (events if isinstance(parsed, Interaction) else rejected).append(parsed)
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
+        t_parsed = time.perf_counter()
         stored = self.store.get_many({e.user for e in events})
-        result = apply_batch(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
+        t_read = time.perf_counter()
+        result = self.options.apply(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
         t1 = time.perf_counter()
 
         for rej in rejected:
@@ -192,8 +200,10 @@ class StreamWorker:
 
         m = self.metrics
         m.observe_batch(len(records))
-        for stage, secs in {**result.timings, "produce": t2 - t1, "store": t3 - t2}.items():
-            m.stage.labels(stage).observe(secs)
+        stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings,
+                  "produce": t2 - t1, "state_write": t3 - t2}
+        for stage, secs in stages.items():
+            m.observe_stage(stage, secs)
         now_ms = time.time() * 1000
         for rec in result.recommendations:
             m.observe_latency(max(0.0, (now_ms - rec.source.kafka_ts_ms) / 1000))

@@ -168,7 +168,7 @@ class UserState:
         """The single user's state as bytes (format above).
 
         dtype: None stores the state's own dtype (float32 for a float32 model: exact);
-        float16/bfloat16 halve the size at a small loss (benchmarks/RESULTS-model.md).
+        float16/bfloat16 halve the size at a small loss (BENCHMARKS.md, "Model").
         """
         if len(self) != 1:
             raise ValueError(f"to_bytes serialises one user; index the batch first (got {len(self)})")

@@ -13,7 +13,7 @@ the sum over time is computed.
 
 Neither parallel form materialises a (B, H, N, d_k, d_v) tensor. Which of the two is faster
 depends on N; ``parallel_form`` picks by ``MASKED_MAX_LEN``, measured by
-``benchmarks/bench_model.py --parts crossover`` (see benchmarks/RESULTS-model.md).
+``benchmarks/bench_model.py --parts crossover`` (see BENCHMARKS.md, "Model").
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ ParallelForm = Literal["auto", "chunked", "masked"]
 
 #: Below or at this length the masked N×N form is used by ``form="auto"``, above it the chunked
 #: form. Forward + backward at head size 32 on a 2-core CPU: masked faster up to N = 128, even at
-#: 192, chunked faster from 256 on (benchmarks/RESULTS-model.md). The crossover grows with the
+#: 192, chunked faster from 256 on (BENCHMARKS.md, "Model"). The crossover grows with the
 #: head size (masked costs ~N²d, chunked ~N·C·d + 2N·d²); re-measure for other shapes/devices.
 MASKED_MAX_LEN = 160
 #: Chunk length of the chunked form (best of {32, 64, 128} in the same measurement).
