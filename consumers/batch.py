@@ -84,14 +84,8 @@ def apply_batch(
     """Apply ``events`` (in stream order) on top of the ``stored`` records of their users."""
     t0 = time.perf_counter()
     model = serving.model
-    per_user: OrderedDict[str, list[Interaction]] = OrderedDict()
     result = BatchResult([], [])
-    for ev in events:
-        rec = stored.get(ev.user)
-        if rec is not None and rec.already_applied(ev.source.partition, ev.source.offset):
-            result.duplicates += 1
-            continue
-        per_user.setdefault(ev.user, []).append(ev)
+    per_user = _new_events_by_user(stored, events, result)
     if not per_user:
         return result
     users = list(per_user)
@@ -158,6 +152,21 @@ def apply_batch(
     return result
 
 
+def _new_events_by_user(
+    stored: dict[str, UserRecord], events: list[Interaction], result: BatchResult
+) -> OrderedDict[str, list[Interaction]]:
+    """Each user's events in stream order, without those their stored record already holds
+    (re-deliveries after a crash: counted as duplicates)."""
+    per_user: OrderedDict[str, list[Interaction]] = OrderedDict()
+    for ev in events:
+        rec = stored.get(ev.user)
+        if rec is not None and rec.already_applied(ev.source.partition, ev.source.offset):
+            result.duplicates += 1
+            continue
+        per_user.setdefault(ev.user, []).append(ev)
+    return per_user
+
+
 def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResult) -> UserState:
     model = serving.model
     if rec is None:
@@ -196,14 +205,8 @@ def reencode_batch(
     and outputs as :func:`apply_batch`, so the worker can run either; used by the benchmark."""
     t0 = time.perf_counter()
     model = serving.model
-    per_user: OrderedDict[str, list[Interaction]] = OrderedDict()
     result = BatchResult([], [])
-    for ev in events:
-        rec = stored.get(ev.user)
-        if rec is not None and rec.already_applied(ev.source.partition, ev.source.offset):
-            result.duplicates += 1
-            continue
-        per_user.setdefault(ev.user, []).append(ev)
+    per_user = _new_events_by_user(stored, events, result)
     users = list(per_user)
     if not users:
         return result
