@@ -89,13 +89,15 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         warm_s = time.monotonic() - t_warm
         log(f"      worker caught up: {warm.sent:,} events applied in {warm_s:.0f}s ({warm.sent / warm_s:,.0f}/s)")
 
+        log(f"[6/6] live: replaying the rest at {opts.live_rate:,.0f} events/s; recommendations as they arrive:")
         watcher = _RecWatcher(qs, opts.show, log)
         watcher.start()
-        live = replay(ReplayPlan(path, qs.topic_interactions, rate=opts.live_rate, from_ts=cut), qs.bootstrap_servers)
+        live = replay(ReplayPlan(path, qs.topic_interactions, rate=opts.live_rate, from_ts=cut), qs.bootstrap_servers,
+                      progress=False)
         _wait_caught_up(qs, worker, warm.sent + live.sent, log)
         time.sleep(1.0)
         watcher.stop()
-        log(f"[6/6] live: {live.describe()}")
+        log(f"      {live.describe()}")
         dead = _count(qs, qs.topic_dead_letter)
         _summary(warm, live, watcher, dead, time.monotonic() - t_start, log)
         return 0
