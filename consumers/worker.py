@@ -57,7 +57,7 @@ class StreamWorker:
     """One worker process. ``run()`` blocks until ``stop`` is set (or it idles out)."""
 
     def __init__(self, settings: Settings, options: WorkerOptions) -> None:
-        from kafka import KafkaConsumer, KafkaProducer
+        from kafka import KafkaProducer
 
         self.settings = settings
         self.options = options
@@ -74,20 +74,46 @@ class StreamWorker:
         # Flushed after every micro-batch: lingering costs no latency and batches sends.
         self.producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=100,
                                       batch_size=1024 * 1024, max_in_flight_requests_per_connection=5)
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, group_id=settings.worker_group,
-            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=options.batch_size,
-            client_id=f"linrec-worker-{id(self):x}", session_timeout_ms=settings.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, settings.session_timeout_ms // 3),
-        )
         self.topic = settings.topic_interactions
+        self.consumer = self._subscribe()
         # Partitions assigned by the last rebalance, not yet positioned. kafka-python runs the
         # rebalance callback on its IO thread, where blocking calls (committed offsets, changelog
         # restore) are not allowed, so the callback only records them and the loop does the work.
         self._pending: set = set()
         self._pending_lock = threading.Lock()
-        self.consumer.subscribe([self.topic], listener=_Rebalance(self))
         self._last_summary = time.monotonic()
+
+    def _subscribe(self):
+        from kafka import KafkaConsumer
+
+        s = self.settings
+        consumer = KafkaConsumer(
+            bootstrap_servers=s.bootstrap_servers, group_id=s.worker_group,
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self.options.batch_size,
+            client_id=f"linrec-worker-{id(self):x}", session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
+        )
+        consumer.subscribe([self.topic], listener=_Rebalance(self))
+        self._subscribed_at = time.monotonic()
+        return consumer
+
+    def _rejoin_if_stuck(self) -> None:
+        """Start over with a new consumer when the group join has not completed in time.
+
+        Seen twice here with kafka-python 3.0: a consumer that never got an assignment while its
+        IO thread spun; a fresh consumer joins at once. Nothing is lost: no partition was held,
+        and a new assignment positions partitions from the store as usual."""
+        limit = max(30.0, 3 * self.settings.session_timeout_ms / 1000)
+        if self.consumer.assignment() or time.monotonic() - self._subscribed_at < limit:
+            return
+        log.warning("worker: no partitions assigned after %.0fs; rejoining the group with a new consumer", limit)
+        try:
+            self.consumer.close(autocommit=False)
+        except Exception as exc:
+            log.warning("worker: closing the stuck consumer failed: %s", exc)
+        with self._pending_lock:
+            self._pending = set()
+        self.consumer = self._subscribe()
 
     # --- partitions ---------------------------------------------------------------------------
     def _position_pending(self) -> set[int]:
@@ -142,6 +168,8 @@ class StreamWorker:
                 elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     log.info("worker: idle for %.0fs, exiting", idle_exit_s)
                     break
+                if not records:
+                    self._rejoin_if_stuck()
                 if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
                     log.info(self.metrics.summary(self._lag()))
                     self._last_summary = time.monotonic()

@@ -127,7 +127,13 @@ def start_worker(stream: Stream, state_dir: Path, idle_exit: float | None = 6.0,
 
 
 def wait(proc: subprocess.Popen, timeout: float = 240) -> None:
-    assert proc.wait(timeout=timeout) == 0, f"worker exited with {proc.returncode}"
+    try:
+        code = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # never leave a worker behind to load the rest of the suite
+        proc.wait()
+        raise AssertionError(f"the worker did not finish within {timeout:.0f}s") from None
+    assert code == 0, f"worker exited with {code}"
 
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
@@ -188,12 +194,48 @@ def stored_records(state_dir: Path) -> dict:
 
 
 def test_replay_through_one_worker_applies_each_event_once(stream: Stream, tmp_path: Path):
+    import urllib.request
+
+    from tests.conftest import free_port, run_cli
+
     produce(stream, events=20_000, users=500, seed=1)
     assert len(stream.seqs) == 500 and len(stream.malformed) >= 200
-    wait(start_worker(stream, tmp_path / "state", log_path=tmp_path / "worker.log"))
+    port = free_port()
+    stream.env["LINREC_METRICS_PORT"] = str(port)
+    proc = start_worker(stream, tmp_path / "state", log_path=tmp_path / "worker.log")
+    metrics = ""
+    deadline = time.monotonic() + 240
+    while proc.poll() is None and time.monotonic() < deadline:  # scrape /metrics while the worker runs
+        try:
+            metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read().decode()
+        except OSError:
+            pass
+        time.sleep(0.5)
+    wait(proc)
     check_outcome(stream, stored_records(tmp_path / "state"))
     log = (tmp_path / "worker.log").read_text()
     assert "malformed event(s)" in log and "partitions assigned" in log
+    assert 'linrec_events_total{outcome="applied"}' in metrics
+    assert "linrec_end_to_end_seconds_bucket" in metrics and "linrec_dead_letters_total" in metrics
+    # `recs tail` shows what the worker produced.
+    tail = run_cli("recs", "tail", "--from-beginning", "--max", "3", "--json", "--timeout", "20", env=stream.env)
+    assert tail.returncode == 0, tail.stderr
+    lines = tail.stdout.strip().splitlines()
+    assert len(lines) == 3 and all(json.loads(line)["user"].startswith("user-") for line in lines)
+
+
+def test_replay_cli_produces_in_time_order_keyed_by_user(stream: Stream, tmp_path: Path):
+    from tests.conftest import run_cli
+
+    log = tmp_path / "log.csv"
+    log.write_text("user,item,timestamp\nbob,item-2,1000000300\nann,item-1,1000000100\nbob,item-3,1000000200\n"
+                   "ann,item-9,1000000400\n")
+    res = run_cli("replay", "--data", str(log), "--no-progress", "--to-ts", "1000000400", env=stream.env)
+    assert res.returncode == 0, res.stderr
+    assert "replayed 3 events" in res.stdout
+    got = sorted(((json.loads(r.value)["ts"], r.key, json.loads(r.value)["item"])
+                  for r in read_topic(stream.settings, stream.settings.topic_interactions)))
+    assert got == [(1000000100, b"ann", "item-1"), (1000000200, b"bob", "item-3"), (1000000300, b"bob", "item-2")]
 
 
 def test_sigkill_twice_then_restart(stream: Stream, tmp_path: Path):
