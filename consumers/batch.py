@@ -14,7 +14,6 @@ a user whose batch held only unknown items gets no new recommendation from that 
 
 from __future__ import annotations
 
-import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -41,15 +40,9 @@ class ServingModel:
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str = "cpu") -> "ServingModel":
-        ckpt, vocab_file = model_dir / "model.pt", model_dir / "vocab.json"
-        for f in (ckpt, vocab_file):
-            if not f.exists():
-                raise FileNotFoundError(f"{model_dir} is not a trained model directory: {f.name} is missing")
-        model = LinRecModel.load(ckpt, map_location=device).eval()
-        vocab = json.loads(vocab_file.read_text())["items"]
-        if len(vocab) != model.config.num_items + 1:
-            raise ValueError(f"{vocab_file} has {len(vocab) - 1} items, the model {model.config.num_items}")
-        return cls.of(model, vocab)
+        from linrec_stream.experiment import load_run
+
+        return cls.of(*load_run(model_dir, device))
 
     @classmethod
     def of(cls, model: LinRecModel, vocab: list[str]) -> "ServingModel":
