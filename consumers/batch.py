@@ -100,11 +100,7 @@ def apply_batch(
     h_last = h[:, -1]  # newest known event of each user (left padding)
     t2 = time.perf_counter()
 
-    windows: list[tuple[str, ...]] = []
-    for user in users:
-        rec = stored.get(user)
-        old = rec.window if rec is not None else ()
-        windows.append(tuple((*old, *(e.item for e in per_user[user])))[-window:])
+    windows = _new_windows(stored, per_user, window)
     scored = [row for row, ids in enumerate(new_ids) if ids]
     top_items: dict[int, tuple[list[int], list[float]]] = {}
     if scored:
@@ -160,6 +156,17 @@ def _new_events_by_user(
     return per_user
 
 
+def _new_windows(
+    stored: dict[str, UserRecord], per_user: OrderedDict[str, list[Interaction]], window: int
+) -> list[tuple[str, ...]]:
+    """Each user's recent external item ids (oldest first, at most ``window``) after this batch."""
+    out = []
+    for user, evs in per_user.items():
+        old = stored[user].window if user in stored else ()
+        out.append(tuple((*old, *(e.item for e in evs)))[-window:])
+    return out
+
+
 def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResult) -> UserState:
     model = serving.model
     if rec is None:
@@ -203,10 +210,7 @@ def reencode_batch(
     users = list(per_user)
     if not users:
         return result
-    windows = []
-    for user in users:
-        old = stored[user].window if user in stored else ()
-        windows.append(tuple((*old, *(e.item for e in per_user[user])))[-window:])
+    windows = _new_windows(stored, per_user, window)
     ids = [serving.ids(w) or [0] for w in windows]
     n = max(len(x) for x in ids)
     seq = torch.zeros(len(users), n, dtype=torch.int64)
