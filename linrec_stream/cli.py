@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--patience", type=int, default=10, help="early stop after N epochs without a better NDCG@10")
     tr.add_argument("--seed", type=int, default=42)
+    tr.add_argument("--max-minutes", type=float, metavar="M",
+                    help="wall-clock budget: start no epoch after M minutes (the best checkpoint is kept)")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"])
     tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     tr.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed lines")
@@ -264,7 +266,7 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} holds a run already: pass --resume to continue it, or choose another")
     try:
         tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         seed=args.seed)
+                         seed=args.seed, max_minutes=args.max_minutes)
     except ValueError as exc:
         raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
     prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info)

@@ -44,6 +44,8 @@ class TrainConfig:
     patience: int = 10  # epochs without a better validation NDCG@10 before stopping
     seed: int = 42
     eval_batch_size: int = 256
+    max_minutes: float | None = None  # wall-clock budget: no new epoch starts after it
+
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "eval_batch_size"):
@@ -51,6 +53,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
 
 
 @dataclass(frozen=True)
@@ -154,8 +158,14 @@ def train(
     if hist.best_epoch < 0 and not (out / "model.pt").exists():
         model.save(out / "model.pt")  # so a run interrupted in epoch 1 still leaves a loadable model
 
+    started = time.monotonic()
+    budget_s = None if train_config.max_minutes is None else 60.0 * train_config.max_minutes
+    last_plot = -math.inf
     for epoch in range(start_epoch, train_config.epochs):
         if hist.bad_epochs >= train_config.patience:
+            break
+        if budget_s is not None and epoch > start_epoch and time.monotonic() - started >= budget_s:
+            log(f"time budget reached: {train_config.max_minutes:g} min, stopping before epoch {epoch + 1}")
             break
         t0 = time.monotonic()
         model.train()
@@ -188,6 +198,12 @@ def train(
             f"NDCG@10 {valid['ndcg@10']:.4f}  {train_s:.1f}s+{row['eval_s']:.1f}s" + ("  *best" if improved else ""))
         _save_last(out, model, opt, epoch + 1, hist, model_config, train_config)
         _write_meta(out, model_config, train_config, hist, meta or {})
+        # A plot costs ~0.3 s: on a GPU, where an epoch can take about as long, redraw at most
+        # every 30 s (and once at the end).
+        if time.monotonic() - last_plot >= 30.0:
+            plot_curves(hist, out / "curves.png")
+            last_plot = time.monotonic()
+    if hist.epochs:
         plot_curves(hist, out / "curves.png")
     if hist.bad_epochs >= train_config.patience:
         log(f"early stop: no better validation NDCG@10 for {train_config.patience} epochs")
@@ -213,9 +229,11 @@ def _load_last(out: Path, model, opt, mc: ModelConfig, tc: TrainConfig) -> tuple
     ck = torch.load(path, map_location="cpu", weights_only=False)
     if ck["model_config"] != mc.to_dict():
         raise ValueError(f"--resume: {out} was trained with another model configuration")
-    if {k: v for k, v in ck["train_config"].items() if k != "epochs"} != \
-            {k: v for k, v in asdict(tc).items() if k != "epochs"}:
-        raise ValueError(f"--resume: {out} was trained with other training settings (only --epochs may change)")
+    free = ("epochs", "max_minutes")  # how long to go on may change; how to train may not
+    if {k: v for k, v in ck["train_config"].items() if k not in free} != \
+            {k: v for k, v in asdict(tc).items() if k not in free}:
+        raise ValueError(f"--resume: {out} was trained with other training settings "
+                         "(only --epochs and --max-minutes may change)")
     model.load_state_dict(ck["model"])
     opt.load_state_dict(ck["optimizer"])
     torch.set_rng_state(ck["torch_rng"])

@@ -78,6 +78,19 @@ def test_same_seed_same_model_and_resume_equals_uninterrupted(tmp_path: Path):
     assert c.version == a.version
 
 
+def test_time_budget_stops_after_the_epoch_in_progress_and_resume_goes_on(tmp_path: Path):
+    data, _ = split(cycle_log(users=20, length=8))
+    logs: list[str] = []
+    tiny = TrainConfig(epochs=5, batch_size=8, max_minutes=1e-6)
+    _, hist = train(small_config("linrec"), tiny, data, tmp_path, torch.device("cpu"), progress=False, log=logs.append)
+    assert len(hist.epochs) == 1  # at least one epoch per call, then the budget stops it
+    assert any("time budget reached" in m for m in logs)
+    # The budget may change on resume (like --epochs); without one it runs to the end.
+    _, hist = train(small_config("linrec"), TrainConfig(epochs=5, batch_size=8), data, tmp_path,
+                    torch.device("cpu"), resume=True, progress=False, log=logs.append)
+    assert len(hist.epochs) == 5
+
+
 def test_resume_refuses_other_settings(tmp_path: Path):
     data, _ = split(cycle_log(users=20, length=8))
     quiet = dict(progress=False, log=lambda m: None)

