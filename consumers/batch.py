@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
-from consumers.events import Interaction, Recommendation
+from consumers.events import Interaction, Recommendation, Source
 from linrec_stream.model import LinRecModel, UserState
 from linrec_stream.user_state import StateMismatchError
 from state.record import UserRecord
@@ -91,28 +92,14 @@ def apply_batch(
     t1 = time.perf_counter()
 
     new_ids = [serving.ids([e.item for e in per_user[u]]) for u in users]
-    width = max(1, max(len(x) for x in new_ids))
-    items = torch.zeros(len(users), width, dtype=torch.int64)  # (U, R), left-padded with 0
-    for row, ids in enumerate(new_ids):
-        if ids:
-            items[row, width - len(ids):] = torch.tensor(ids)
+    items = _left_padded(new_ids)  # (U, R)
     h, new_state = model.encode(items.to(model.device), batch_state)  # (U, R, D)
     h_last = h[:, -1]  # newest known event of each user (left padding)
     t2 = time.perf_counter()
 
     windows = _new_windows(stored, per_user, window)
     scored = [row for row, ids in enumerate(new_ids) if ids]
-    top_items: dict[int, tuple[list[int], list[float]]] = {}
-    if scored:
-        scores = model.score(h_last[scored]).float()  # (S, I+1)
-        for j, row in enumerate(scored):
-            seen = serving.ids(windows[row])
-            if seen:
-                scores[j, torch.tensor(seen, device=scores.device)] = float("-inf")
-        k = min(top_k, model.config.num_items)
-        vals, idx = scores.topk(k, dim=1)
-        for j, row in enumerate(scored):
-            top_items[row] = (idx[j].tolist(), vals[j].tolist())
+    top_items = _top_k(serving, h_last, scored, windows, top_k)
     t3 = time.perf_counter()
 
     produced_at = time.time() if now is None else now
@@ -129,17 +116,85 @@ def apply_batch(
             offset=last.source.offset, event_id=last.event_id, last_ts=last.ts,
         ))
         if row in top_items:
-            ids, vals = top_items[row]
-            keep = [(serving.vocab[i], v) for i, v in zip(ids, vals) if v != float("-inf")]
-            result.recommendations.append(Recommendation(
-                user=user, items=[i for i, _ in keep], scores=[v for _, v in keep],
-                model_version=serving.version, source=last.source, event_id=last.event_id,
-                event_ts=last.ts, produced_at=produced_at,
-            ))
+            result.recommendations.append(_recommendation(
+                serving, user, top_items[row], last.source, last.event_id, last.ts, produced_at))
     t4 = time.perf_counter()
     result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": t4 - t3}
     return result
 
+
+
+def _top_k(
+    serving: ServingModel, h_last: Tensor, rows: list[int], windows: list[tuple[str, ...]], top_k: int
+) -> dict[int, tuple[list[int], list[float]]]:
+    """Top-k item ids and scores for the given rows of h_last (U, D), each row's window excluded."""
+    if not rows:
+        return {}
+    scores = serving.model.score(h_last[rows]).float()  # (S, I+1)
+    for j, row in enumerate(rows):
+        seen = serving.ids(windows[row])
+        if seen:
+            scores[j, torch.tensor(seen, device=scores.device)] = float("-inf")
+    vals, idx = scores.topk(min(top_k, serving.model.config.num_items), dim=1)
+    return {row: (idx[j].tolist(), vals[j].tolist()) for j, row in enumerate(rows)}
+
+
+def _recommendation(
+    serving: ServingModel, user: str, top: tuple[list[int], list[float]], source: Source,
+    event_id: str | None, event_ts: float, produced_at: float, trigger: str = "event",
+) -> Recommendation:
+    ids, vals = top
+    keep = [(serving.vocab[i], v) for i, v in zip(ids, vals) if v != float("-inf")]
+    return Recommendation(user=user, items=[i for i, _ in keep], scores=[v for _, v in keep],
+                          model_version=serving.version, source=source, event_id=event_id,
+                          event_ts=event_ts, produced_at=produced_at, trigger=trigger)
+
+
+def _left_padded(rows: list[list[int]]) -> Tensor:
+    """(U, R) int64, each row's ids right-aligned, 0 on the left (R >= 1)."""
+    width = max(1, max((len(x) for x in rows), default=0))
+    items = torch.zeros(len(rows), width, dtype=torch.int64)
+    for row, ids in enumerate(rows):
+        if ids:
+            items[row, width - len(ids):] = torch.tensor(ids)
+    return items
+
+
+@torch.inference_mode()
+def rebuild_batch(
+    serving: ServingModel, records: list[UserRecord], top_k: int, topic: str, now: float | None = None
+) -> BatchResult:
+    """After a model swap: the records built by another version, rebuilt under ``serving``.
+
+    Each stale record's state becomes the new model's encoding of its stored window (from the
+    empty state), tagged with the new version; everything else in the record (window, events,
+    offsets) is unchanged, so the swap neither applies nor drops an event. Each rebuilt user with
+    a known item in its window gets a fresh recommendation (``trigger="model_swap"``)."""
+    t0 = time.perf_counter()
+    result = BatchResult([], [])
+    stale = [r for r in records if r.model_version != serving.version]
+    if not stale:
+        return result
+    model = serving.model
+    ids = [serving.ids(r.window) for r in stale]
+    start = UserState.stack([serving.empty] * len(stale))
+    h, new_state = model.encode(_left_padded(ids).to(model.device), start)  # (U, R, D)
+    t1 = time.perf_counter()
+    windows = [r.window for r in stale]
+    top_items = _top_k(serving, h[:, -1], [row for row, x in enumerate(ids) if x], windows, top_k)
+    t2 = time.perf_counter()
+    produced_at = time.time() if now is None else now
+    cpu_state = new_state.to("cpu")
+    for row, rec in enumerate(stale):
+        result.records.append(replace(rec, state=cpu_state[row].to_bytes(), model_version=serving.version))
+        if row in top_items:
+            # No event triggered it: the source is the last applied event, with no ingest time.
+            src = Source(topic, rec.partition, rec.offset, -1)
+            result.recommendations.append(_recommendation(
+                serving, rec.user, top_items[row], src, rec.event_id, rec.last_ts, produced_at, "model_swap"))
+    result.rebuilt = len(stale)
+    result.timings = {"update": t1 - t0, "score": t2 - t1, "pack": time.perf_counter() - t2}
+    return result
 
 def _new_events_by_user(
     stored: dict[str, UserRecord], events: list[Interaction], result: BatchResult
@@ -219,10 +274,7 @@ def reencode_batch(
     t1 = time.perf_counter()
     h_last = model(seq.to(model.device))[:, -1]  # (U, D)
     t2 = time.perf_counter()
-    scores = model.score(h_last).float()
-    for row, x in enumerate(ids):
-        scores[row, torch.tensor(x, device=scores.device)] = float("-inf")
-    vals, idx = scores.topk(min(top_k, model.config.num_items), dim=1)
+    top_items = _top_k(serving, h_last, list(range(len(users))), windows, top_k)
     t3 = time.perf_counter()
     produced_at = time.time() if now is None else now
     for row, user in enumerate(users):
@@ -232,8 +284,7 @@ def reencode_batch(
         result.records.append(UserRecord(user, b"", serving.version, windows[row],
                                          (rec.events if rec else 0) + len(evs), last.source.partition,
                                          last.source.offset, last.event_id, last.ts))
-        result.recommendations.append(Recommendation(
-            user, [serving.vocab[i] for i in idx[row].tolist()], vals[row].tolist(), serving.version, last.source,
-            last.event_id, last.ts, produced_at))
+        result.recommendations.append(_recommendation(
+            serving, user, top_items[row], last.source, last.event_id, last.ts, produced_at))
     result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": time.perf_counter() - t3}
     return result

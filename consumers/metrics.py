@@ -31,6 +31,10 @@ class WorkerMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.lag = Gauge("linrec_consumer_lag", "events not yet consumed", ["partition"], registry=r)
         self.rebuilt = Counter("linrec_states_rebuilt", "states rebuilt under a new model version", registry=r)
+        self.model_info = Gauge("linrec_model_info", "1 for the model version being served", ["version"], registry=r)
+        self.swaps = Counter("linrec_model_swaps", "model versions swapped in without a restart", registry=r)
+        self.swap_seconds = Gauge("linrec_model_swap_seconds",
+                                  "last swap: announcement to every stored state of this worker rebuilt", registry=r)
         # For the summary line: recent latencies (bounded) and counts since the last line.
         self._recent_latency: deque[float] = deque(maxlen=20_000)
         self._since = time.monotonic()

@@ -26,15 +26,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from consumers.batch import ServingModel, apply_batch
+from consumers.batch import BatchResult, ServingModel, apply_batch, rebuild_batch
 from consumers.events import Interaction, Limits, Rejected, Source, parse_event
 from consumers.metrics import WorkerMetrics
+from consumers.model_updates import UpdateFollower
+from linrec_stream.registry import ModelRegistry, RegistryError
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
 from state.store import StateStore
@@ -44,13 +47,29 @@ log = logging.getLogger("linrec.worker")
 
 @dataclass(frozen=True)
 class WorkerOptions:
-    model_dir: Path
+    # A fixed model directory; None: serve the registry's version in force and follow the
+    # model-updates topic (hot swap).
+    model_dir: Path | None
     state_dir: Path
     batch_size: int
     batch_ms: int
     device: str = "cpu"
     # The batch function: apply_batch (state updates); reencode_batch is the benchmark's baseline.
     apply: Callable = apply_batch
+    swap_batch: int = 512  # users rebuilt per step of the background sweep after a model swap
+
+
+@dataclass
+class Sweep:
+    """The background rebuild after a model swap (or of partitions just assigned): which
+    partitions are still to visit and the users left in the current one."""
+
+    version: str
+    partitions: deque[int]
+    users: deque[str] = field(default_factory=deque)
+    rebuilt: int = 0
+    started: float = field(default_factory=time.monotonic)
+    announced_ms: int | None = None  # the swap's announcement (Kafka timestamp), None for a rebalance
 
 
 class StreamWorker:
@@ -65,9 +84,24 @@ class StreamWorker:
             # Micro-batch tensors are small: one thread avoids OpenMP hand-offs that cost more
             # than the arithmetic, and leaves the other cores to Kafka I/O and other workers.
             torch.set_num_threads(settings.worker_threads)
-        self.serving = ServingModel.load(options.model_dir, options.device)
+        self.registry: ModelRegistry | None = None
+        self.follower: UpdateFollower | None = None
+        model_dir = options.model_dir
+        if model_dir is None:
+            self.registry = ModelRegistry(settings.path(settings.registry_dir))
+            # Follow first, then read CURRENT: a promotion in between is seen, not missed.
+            self.follower = UpdateFollower(settings.bootstrap_servers, settings.topic_model_updates)
+            version = self.registry.current()
+            if version is None:
+                self.follower.close()
+                raise RegistryError(f"no model version is in force in {self.registry.root}: train one, then "
+                                    "`linrec-stream models add RUN_DIR --promote`")
+            model_dir = self.registry.path(version)
+        self.serving = ServingModel.load(model_dir, options.device)
         self.store = StateStore(options.state_dir)
         self.metrics = WorkerMetrics()
+        self.metrics.model_info.labels(self.serving.version).set(1)
+        self.sweep: Sweep | None = None
         self.limits = Limits(settings.max_event_bytes, settings.max_id_chars)
         self.changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
         self.changelog.ensure_topic(settings.interactions_partitions)
@@ -157,7 +191,8 @@ class StreamWorker:
         try:
             while not stop.is_set():
                 t_poll = time.perf_counter()
-                records = self._take()
+                self._check_updates()
+                records = self._take(0 if self.sweep else 200)
                 if records:
                     self.metrics.observe_stage("poll", time.perf_counter() - t_poll)
                 if records or not self.consumer.assignment():
@@ -165,7 +200,10 @@ class StreamWorker:
                     idle_since = time.monotonic()
                 if records:
                     self.process(records)
-                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                if self.sweep:
+                    self._sweep_step()
+                    idle_since = time.monotonic()
+                elif not records and idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     log.info("worker: idle for %.0fs, exiting", idle_exit_s)
                     break
                 if not records:
@@ -176,16 +214,18 @@ class StreamWorker:
         finally:
             self.close()
 
-    def _take(self) -> list:
-        """Up to batch_size records, waiting at most batch_ms after the first one arrives."""
+    def _take(self, wait_ms: int = 200) -> list:
+        """Up to batch_size records, waiting at most batch_ms after the first one arrives (and
+        ``wait_ms`` for the first one)."""
         out: list = []
         deadline = None
         while len(out) < self.options.batch_size:
-            timeout = 200 if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            timeout = wait_ms if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
             polled = self.consumer.poll(timeout_ms=timeout, max_records=self.options.batch_size - len(out))
             repositioned = self._position_pending()
             if repositioned:
                 out = [r for r in out if r.partition not in repositioned]
+                self._sweep_partitions(repositioned)
             for tp, records in polled.items():
                 if tp.partition not in repositioned:
                     out.extend(records)
@@ -215,12 +255,7 @@ class StreamWorker:
         result = self.options.apply(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
         t1 = time.perf_counter()
 
-        for rej in rejected:
-            self.producer.send(self.settings.topic_dead_letter, key=rej.key, value=rej.value, headers=rej.headers())
-        for rec in result.recommendations:
-            self.producer.send(self.settings.topic_recommendations, key=rec.user.encode(), value=rec.to_bytes())
-        self.changelog.publish(result.records)  # flushes the changelog's own producer
-        self.producer.flush()
+        self._publish(result, rejected)
         t2 = time.perf_counter()
         self.store.commit(result.records, next_offsets)
         t3 = time.perf_counter()
@@ -251,6 +286,97 @@ class StreamWorker:
             log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
                         ", ".join(sorted({r.reason for r in rejected})))
 
+    # --- model swap -----------------------------------------------------------------------------
+    def _check_updates(self) -> None:
+        """Swap to the newest announced version, if it is not the one served."""
+        if self.follower is None:
+            return
+        try:
+            announced = self.follower.poll()
+        except Exception as exc:  # the stream goes on with the current model
+            log.warning("worker: reading %s failed: %s", self.settings.topic_model_updates, exc)
+            return
+        if announced and announced[-1].version != self.serving.version:
+            self.swap(announced[-1].version, announced[-1].announced_ms)
+
+    def swap(self, version: str, announced_ms: int | None = None) -> None:
+        """Serve ``version`` from the next batch on and rebuild every stale state in the background.
+
+        Between batches, so no event is applied half under one model. A user whose state is
+        still stale when their next event arrives is rebuilt then (apply_batch), so no state is
+        ever scored by a model other than the one that built it."""
+        assert self.registry is not None
+        t0 = time.monotonic()
+        try:
+            new = ServingModel.load(self.registry.path(version), self.options.device)
+        except (OSError, ValueError) as exc:
+            log.error("worker: cannot load announced model %s (%s); still serving %s", version[:12], exc,
+                      self.serving.version[:12])
+            return
+        old, self.serving = self.serving, new
+        m = self.metrics
+        m.model_info.labels(old.version).set(0)
+        m.model_info.labels(new.version).set(1)
+        m.swaps.inc()
+        parts = sorted(tp.partition for tp in self.consumer.assignment())
+        log.info("worker: model swap %s -> %s (%s, %d items), loaded in %.0f ms; rebuilding the states of "
+                 "partitions %s", old.version[:12], new.version[:12], new.model.config.attention,
+                 new.model.config.num_items, (time.monotonic() - t0) * 1000, parts)
+        self.sweep = Sweep(new.version, deque(parts), announced_ms=announced_ms)
+
+    def _sweep_partitions(self, partitions: set[int]) -> None:
+        """Queue newly assigned partitions: their stored states may predate the model in force."""
+        if self.sweep is None:
+            self.sweep = Sweep(self.serving.version, deque())
+        for p in sorted(partitions):
+            if p not in self.sweep.partitions:
+                self.sweep.partitions.append(p)
+
+    def _sweep_step(self) -> None:
+        """Rebuild up to swap_batch stale states of assigned partitions (one write batch)."""
+        sw = self.sweep
+        assert sw is not None
+        assigned = {tp.partition for tp in self.consumer.assignment()}
+        chunk: list[str] = []
+        while len(chunk) < self.options.swap_batch and (sw.users or sw.partitions):
+            if not sw.users:
+                p = sw.partitions.popleft()
+                if p in assigned:
+                    sw.users.extend(self.store.users(p))
+                continue
+            chunk.append(sw.users.popleft())
+        stored = self.store.get_many(chunk)
+        todo = [r for r in stored.values() if r.partition in assigned and r.model_version != self.serving.version]
+        if todo:
+            result = rebuild_batch(self.serving, todo, self.settings.top_k, self.topic)
+            self._publish(result, [])
+            self.store.commit(result.records, {})
+            sw.rebuilt += result.rebuilt
+            self.metrics.rebuilt.inc(result.rebuilt)
+            self.metrics.recommendations.inc(len(result.recommendations))
+            self.metrics.totals["recommendations"] += len(result.recommendations)
+        if sw.users or sw.partitions:
+            return
+        self.sweep = None
+        took = time.monotonic() - sw.started
+        if sw.announced_ms is not None:
+            since = time.time() - sw.announced_ms / 1000
+            self.metrics.swap_seconds.set(since)
+            log.info("worker: model swap to %s complete: %d states rebuilt in %.2fs (%.2fs after the announcement)",
+                     sw.version[:12], sw.rebuilt, took, since)
+        elif sw.rebuilt:
+            log.info("worker: %d stored states of newly assigned partitions rebuilt under %s in %.2fs",
+                     sw.rebuilt, sw.version[:12], took)
+
+    def _publish(self, result: BatchResult, rejected: list[Rejected]) -> None:
+        """Send dead letters, recommendations and changelog records, and wait for the broker."""
+        for rej in rejected:
+            self.producer.send(self.settings.topic_dead_letter, key=rej.key, value=rej.value, headers=rej.headers())
+        for rec in result.recommendations:
+            self.producer.send(self.settings.topic_recommendations, key=rec.user.encode(), value=rec.to_bytes())
+        self.changelog.publish(result.records)  # flushes the changelog's own producer
+        self.producer.flush()
+
     def _commit_group(self, next_offsets: dict[int, int]) -> None:
         from kafka.structs import OffsetAndMetadata, TopicPartition
 
@@ -274,7 +400,10 @@ class StreamWorker:
         return total
 
     def close(self) -> None:
-        for closer in (self.consumer.close, self.producer.close, self.changelog.close, self.store.close):
+        closers = [self.consumer.close, self.producer.close, self.changelog.close, self.store.close]
+        if self.follower is not None:
+            closers.append(self.follower.close)
+        for closer in closers:
             try:
                 closer()
             except Exception as exc:

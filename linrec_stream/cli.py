@@ -114,13 +114,37 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_evaluate)
 
     worker = sub.add_parser("worker", parents=[common], help="run a stream worker (Ctrl-C / SIGTERM stops it)")
-    worker.add_argument("--model", required=True, type=Path, metavar="DIR", help="a trained model directory")
+    worker.add_argument("--model", type=Path, metavar="DIR",
+                        help="serve this trained model directory, fixed (default: the registry's version in force, "
+                             "swapped without a restart when another is promoted)")
+    worker.add_argument("--swap-batch", type=int, default=512, metavar="N",
+                        help="users rebuilt per step of the background sweep after a model swap")
     worker.add_argument("--batch-size", type=int, help="most events per micro-batch (setting batch_size)")
     worker.add_argument("--batch-ms", type=int, help="longest wait to fill a micro-batch (setting batch_ms)")
     worker.add_argument("--device", choices=["auto", "cpu", "cuda"])
     worker.add_argument("--state-dir", type=Path, metavar="DIR", help="rocksdict user-state store (setting state_dir)")
     worker.add_argument("--idle-exit", type=float, metavar="S", help="exit after S seconds without events")
     worker.set_defaults(func=_worker)
+
+    models = sub.add_parser("models", help="the model registry: versions, the one in force, promote, rollback")
+    msub = models.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    msub.required = True
+    ml = msub.add_parser("list", parents=[common], help="every registered version, oldest first (* = in force)")
+    ml.add_argument("--json", action="store_true", help="one JSON array of model cards")
+    ml.set_defaults(func=_models_list)
+    ms = msub.add_parser("show", parents=[common], help="one version's card (a unique prefix will do)")
+    ms.add_argument("version", metavar="V")
+    ms.set_defaults(func=_models_show)
+    ma = msub.add_parser("add", parents=[common], help="register a trained run directory (from `train`)")
+    ma.add_argument("run", type=Path, metavar="RUN_DIR")
+    ma.add_argument("--promote", action="store_true", help="and put it in force (announced to workers)")
+    ma.add_argument("--note", default="", help="free text kept in the card")
+    ma.set_defaults(func=_models_add)
+    mp = msub.add_parser("promote", parents=[common], help="put a version in force; running workers swap to it")
+    mp.add_argument("version", metavar="V")
+    mp.set_defaults(func=_models_promote)
+    msub.add_parser("rollback", parents=[common], help="go back to the version in force before the current one"
+                    ).set_defaults(func=_models_rollback)
 
     rp = sub.add_parser("replay", parents=[common], help="replay a historical log into Kafka in time order")
     rp.add_argument("--data", required=True, metavar="ml-1m|ml-100k|PATH")
@@ -323,8 +347,12 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--batch-size and --batch-ms must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    if args.swap_batch < 1:
+        raise UsageError("--swap-batch must be >= 1")
+    if args.model is not None and not (args.model / "model.pt").is_file():
+        raise UsageError(f"--model {args.model}: no model.pt there (a directory written by `train`)")
     options = WorkerOptions(args.model, settings.path(args.state_dir or settings.state_dir), settings.batch_size,
-                            settings.batch_ms, str(_device(settings, args)))
+                            settings.batch_ms, str(_device(settings, args)), swap_batch=args.swap_batch)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -392,6 +420,91 @@ def _settings(settings: Settings, args: argparse.Namespace) -> int:
     for name, _doc, _default in Settings.docs():
         print(f"{name} = {getattr(settings, name)}")
     return 0
+
+
+def _registry(settings: Settings):
+    from linrec_stream.registry import ModelRegistry
+
+    return ModelRegistry(settings.path(settings.registry_dir))
+
+
+def _models_list(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    import time
+    from dataclasses import asdict
+
+    reg = _registry(settings)
+    cards, current = reg.versions(), reg.current()
+    if args.json:
+        print(json.dumps([{**asdict(c), "in_force": c.version == current} for c in cards], indent=2))
+        return 0
+    if not cards:
+        print(f"no model versions in {reg.root}")
+        return 0
+    print(f"{'':1} {'version':12}  {'created (UTC)':19}  {'origin':7}  {'decision':9}  {'attention':14}  "
+          f"{'items':>6}  {'NDCG@10':>7}  parent")
+    for c in cards:
+        ndcg = (c.metrics.get("candidate") or c.metrics.get("test") or {}).get("ndcg@10")
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(c.created))
+        print(f"{'*' if c.version == current else ' '} {c.version[:12]:12}  {created:19}  {c.origin:7}  "
+              f"{c.decision:9}  {c.attention:14}  {c.num_items:>6}  {'' if ndcg is None else f'{ndcg:.4f}':>7}  "
+              f"{(c.parent or '-')[:12]}")
+    return 0
+
+
+def _models_show(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+
+    reg = _registry(settings)
+    card = reg.card(args.version)
+    print(json.dumps({**asdict(card), "in_force": card.version == reg.current(),
+                      "path": str(reg.path(card.version))}, indent=2))
+    return 0
+
+
+def _models_add(settings: Settings, args: argparse.Namespace) -> int:
+    import json
+
+    reg = _registry(settings)
+    meta_file = args.run / "meta.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    card = reg.add(args.run, origin="train", note=args.note, data=meta.get("data", {}),
+                   metrics={"test": meta["test_full"]} if "test_full" in meta else {})
+    print(f"registered {card.version[:12]} ({card.attention}, {card.num_items} items) in {reg.root}")
+    if args.promote:
+        _announce(settings, reg.promote(card.version))
+    return 0
+
+
+def _models_promote(settings: Settings, args: argparse.Namespace) -> int:
+    _announce(settings, _registry(settings).promote(args.version))
+    return 0
+
+
+def _models_rollback(settings: Settings, args: argparse.Namespace) -> int:
+    _announce(settings, _registry(settings).rollback())
+    return 0
+
+
+def _announce(settings: Settings, change) -> None:
+    """Tell running workers about a registry change; the registry itself is already updated."""
+    from consumers.model_updates import announce
+
+    prev = (change.previous or "none")[:12]
+    print(f"{change.action}: {change.version[:12]} is in force (was {prev})")
+    try:
+        announce(settings.bootstrap_servers, settings.topic_model_updates, change)
+    except Exception as exc:
+        raise RuntimeAnnounceError(
+            f"{change.version[:12]} is in force in the registry, but announcing it on "
+            f"{settings.topic_model_updates} failed ({type(exc).__name__}: {exc}); running workers pick it up at "
+            "their next start, or repeat the command once the broker is back") from None
+    print(f"announced on {settings.topic_model_updates}")
+
+
+class RuntimeAnnounceError(ValueError):
+    """The registry changed but running workers could not be told."""
 
 
 def _quickstart(settings: Settings, args: argparse.Namespace) -> int:

@@ -133,6 +133,12 @@ class StateStore:
         for _, v in self._scan(_USER):
             yield UserRecord.from_bytes(v)
 
+    def users(self, partition: int) -> list[str]:
+        """The users whose records were written from ``partition`` (the partition index; a user
+        whose partition changed since may still be listed: check ``record.partition``)."""
+        prefix = _INDEX + _PART.pack(partition)
+        return [k[len(prefix):].decode("utf-8") for k, _ in self._scan(prefix, values=False)]
+
     def __len__(self) -> int:
         """Number of users. O(users): a key scan (RocksDB keeps no exact count); not for hot paths."""
         return sum(1 for _ in self._scan(_USER, values=False))
@@ -189,8 +195,7 @@ class StateStore:
         dropped: dict[int, int] = {}
         for p in dict.fromkeys(partitions):
             prefix = _INDEX + _PART.pack(p)
-            users = [k[len(prefix):].decode("utf-8") for k, _ in self._scan(prefix, values=False)]
-            current = self.get_many(users)
+            current = self.get_many(self.users(p))
             # A user whose record moved to another partition (partition count changed) keeps it.
             gone = [u for u, r in current.items() if r.partition == p]
             for u in gone:

@@ -116,12 +116,20 @@ def produce(stream: Stream, events: int, users: int, seed: int, malformed_every:
     producer.close()
 
 
-def start_worker(stream: Stream, state_dir: Path, idle_exit: float | None = 6.0, batch_size: int = 256,
-                 log_path: Path | None = None) -> subprocess.Popen:
-    args = [sys.executable, "-m", "linrec_stream.cli", "worker", "--model", str(stream.model_dir),
-            "--state-dir", str(state_dir), "--batch-size", str(batch_size), "--batch-ms", "20", "--device", "cpu"]
+def start_worker_args(state_dir: Path, idle_exit: float | None, batch_size: int, model_dir: Path | None) -> list[str]:
+    """`linrec-stream worker` as a child process runs it (model_dir None: the registry's version)."""
+    args = [sys.executable, "-m", "linrec_stream.cli", "worker", "--state-dir", str(state_dir),
+            "--batch-size", str(batch_size), "--batch-ms", "20", "--device", "cpu"]
+    if model_dir is not None:
+        args += ["--model", str(model_dir)]
     if idle_exit is not None:
         args += ["--idle-exit", str(idle_exit)]
+    return args
+
+
+def start_worker(stream: Stream, state_dir: Path, idle_exit: float | None = 6.0, batch_size: int = 256,
+                 log_path: Path | None = None) -> subprocess.Popen:
+    args = start_worker_args(state_dir, idle_exit, batch_size, stream.model_dir)
     out = open(log_path or os.devnull, "ab")
     return subprocess.Popen(args, env={**os.environ, **stream.env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
