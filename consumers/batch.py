@@ -84,11 +84,15 @@ def apply_batch(
         return result
     users = list(per_user)
 
-    states: list[UserState] = []
-    for user in users:
-        rec = stored.get(user)
-        states.append(_load_state(serving, rec, result))
-    batch_state = UserState.stack(states)
+    states: list[UserState | None] = [_load_state(serving, stored.get(user)) for user in users]
+    stale = [row for row, st in enumerate(states) if st is None]
+    if stale:
+        # Built by another model version: rebuilt under this one from their windows, all at once.
+        _, rebuilt = _encode_windows(serving, [stored[users[row]].window for row in stale])
+        for j, row in enumerate(stale):
+            states[row] = rebuilt[j]
+        result.rebuilt += len(stale)
+    batch_state = UserState.stack(states)  # type: ignore[arg-type]
     t1 = time.perf_counter()
 
     new_ids = [serving.ids([e.item for e in per_user[u]]) for u in users]
@@ -175,13 +179,11 @@ def rebuild_batch(
     stale = [r for r in records if r.model_version != serving.version]
     if not stale:
         return result
-    model = serving.model
-    ids = [serving.ids(r.window) for r in stale]
-    start = UserState.stack([serving.empty] * len(stale))
-    h, new_state = model.encode(_left_padded(ids).to(model.device), start)  # (U, R, D)
-    t1 = time.perf_counter()
     windows = [r.window for r in stale]
-    top_items = _top_k(serving, h[:, -1], [row for row, x in enumerate(ids) if x], windows, top_k)
+    h, new_state = _encode_windows(serving, windows)  # (U, R, D)
+    t1 = time.perf_counter()
+    known = [row for row, w in enumerate(windows) if serving.ids(w)]
+    top_items = _top_k(serving, h[:, -1], known, windows, top_k)
     t2 = time.perf_counter()
     produced_at = time.time() if now is None else now
     cpu_state = new_state.to("cpu")
@@ -222,7 +224,8 @@ def _new_windows(
     return out
 
 
-def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResult) -> UserState:
+def _load_state(serving: ServingModel, rec: UserRecord | None) -> UserState | None:
+    """The stored state on the model's device; None when another model version built it."""
     model = serving.model
     if rec is None:
         return serving.empty
@@ -231,19 +234,21 @@ def _load_state(serving: ServingModel, rec: UserRecord | None, result: BatchResu
         state.check_model(model, version=serving.version)
         return state.to(model.device, model.dtype)
     except StateMismatchError:
-        # Built by another model version: rebuild it under this one from the recent window.
-        result.rebuilt += 1
-        return rebuild_state(serving, rec.window)
+        return None
 
 
+def _encode_windows(serving: ServingModel, windows: list[tuple[str, ...]]) -> tuple[Tensor, UserState]:
+    """Each window's known items applied from the empty state: hidden states (U, R, D) and the
+    states (U users), as if each user's history were just these items."""
+    ids = [serving.ids(w) for w in windows]
+    start = UserState.stack([serving.empty] * len(windows))
+    return serving.model.encode(_left_padded(ids).to(serving.model.device), start)
+
+
+@torch.inference_mode()
 def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
     """The state this model reaches from an empty history by applying ``window``'s known items."""
-    ids = serving.ids(window)
-    state = serving.empty
-    if not ids:
-        return state
-    _, state = serving.model.encode(torch.tensor([ids], device=serving.model.device), state)
-    return state
+    return _encode_windows(serving, [window])[1]
 
 
 @torch.inference_mode()

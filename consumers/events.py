@@ -154,6 +154,7 @@ class Recommendation:
             "v": FORMAT_VERSION, "user": self.user, "items": self.items,
             "scores": [round(x, 6) for x in self.scores], "model_version": self.model_version,
             "source": {"topic": s.topic, "partition": s.partition, "offset": s.offset},
-            "event_id": self.event_id, "event_ts": self.event_ts, "ingested_at": s.kafka_ts_ms / 1000 if s.kafka_ts_ms >= 0 else None,
+            "event_id": self.event_id, "event_ts": self.event_ts,
+            "ingested_at": s.kafka_ts_ms / 1000 if s.kafka_ts_ms >= 0 else None,
             "produced_at": self.produced_at, "trigger": self.trigger,
         }, separators=(",", ":")).encode("utf-8")

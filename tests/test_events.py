@@ -57,4 +57,5 @@ def test_recommendation_message_format():
     body = json.loads(rec.to_bytes())
     assert body == {"v": 1, "user": "alice", "items": ["a", "b"], "scores": [1.234568, 0.5], "model_version": "v1",
                     "source": {"topic": "interactions", "partition": 2, "offset": 41}, "event_id": "e1",
-                    "event_ts": 978300760.0, "ingested_at": 1_700_000_000.0, "produced_at": 1.8e9}
+                    "event_ts": 978300760.0, "ingested_at": 1_700_000_000.0, "produced_at": 1.8e9,
+                    "trigger": "event"}
