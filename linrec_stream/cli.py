@@ -169,9 +169,27 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--from-beginning", action="store_true")
     tail.set_defaults(func=_recs_tail)
 
-    retrain = sub.add_parser("retrain", parents=[common], help="periodic retraining (not in this build yet: issue #6)")
-    retrain.add_argument("--every", metavar="DURATION")
-    retrain.set_defaults(func=_not_built("retrain", 6))
+    retrain = sub.add_parser(
+        "retrain", parents=[common],
+        help="retrain on the event archive (warm start), publish the candidate if it is not worse than the current",
+    )
+    retrain.add_argument("--every", metavar="DURATION",
+                         help="repeat on this schedule (30s, 15m, 24h, 2d) until stopped; default: one round")
+    retrain.add_argument("--epochs", type=int, default=20)
+    retrain.add_argument("--patience", type=int, default=3, help="early stop after N epochs without a better NDCG@10")
+    retrain.add_argument("--lr", type=float, default=1e-3)
+    retrain.add_argument("--batch-size", type=int, default=128)
+    retrain.add_argument("--margin", type=float, default=0.005, metavar="X",
+                         help="publish if candidate NDCG@10 >= current NDCG@10 - X (absolute; default 0.005)")
+    retrain.add_argument("--from-scratch", action="store_true",
+                         help="do not copy the current version's weights (its architecture is kept)")
+    retrain.add_argument("--base-data", metavar="ml-1m|ml-100k|PATH",
+                         help="an initial log merged with the archive (history never replayed into Kafka)")
+    retrain.add_argument("--max-minutes", type=float, metavar="M", help="training time budget per round")
+    retrain.add_argument("--seed", type=int, default=42)
+    retrain.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    retrain.add_argument("--no-progress", action="store_true", help="no progress bars")
+    retrain.set_defaults(func=_retrain)
 
     qs = sub.add_parser(
         "quickstart", parents=[common],
@@ -303,6 +321,54 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
     _info(f"training {args.attention} on {device} into {args.out}")
     run_training(prepared, mc, tc, args.out, device, resume=args.resume, progress=not args.no_progress, log=_info)
     print(f"model: {args.out / 'model.pt'}  curves: {args.out / 'curves.png'}  metrics: {args.out / 'meta.json'}")
+    return 0
+
+
+def _retrain(settings: Settings, args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from linrec_stream.retrain import RetrainConfig, parse_duration, retrain_once, run_every
+
+    every_s = None
+    if args.every is not None:
+        try:
+            every_s = parse_duration(args.every)
+        except ValueError as exc:
+            raise UsageError(f"--every: {exc}") from None
+    try:
+        config = RetrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
+                               margin=args.margin, from_scratch=args.from_scratch, seed=args.seed,
+                               max_minutes=args.max_minutes, base_data=args.base_data)
+    except ValueError as exc:
+        raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
+    device = _device(settings, args)
+    # kafka-python logs every failed connection attempt; an unreachable broker is reported once,
+    # as this command's own one-line error.
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)
+    progress = not args.no_progress
+    if every_s is None:
+        result = retrain_once(settings, config, device, log=_info, progress=progress)
+        print(f"{result.decision} {result.version} (registry {settings.path(settings.registry_dir)}, "
+              f"current {(result.version if result.published else result.parent)[:12]})")
+        return 0
+    def interrupt(*_: object) -> None:
+        # Stop at once, also mid-round: the round's clean-up (its work folder) runs on the way
+        # out, and the registry's writes are atomic, so no half-written version is left.
+        stop.set()
+        raise KeyboardInterrupt
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, interrupt)
+    _info(f"retrain: every {args.every} on {device}, registry {settings.path(settings.registry_dir)}")
+    try:
+        rounds = run_every(settings, config, every_s, device, log=_info, stop=stop, progress=progress)
+    except KeyboardInterrupt:
+        _info("retrain: stopped")
+        return 0
+    _info(f"retrain: stopped after {rounds} round(s)")
     return 0
 
 
@@ -520,17 +586,6 @@ def _quickstart(settings: Settings, args: argparse.Namespace) -> int:
     return quickstart(settings, opts, log=lambda m: print(m, flush=True))
 
 
-def _not_built(command: str, issue: int) -> Callable[[Settings, argparse.Namespace], int]:
-    def run(settings: Settings, args: argparse.Namespace) -> int:
-        raise NotBuiltError(f"`{command}` is not part of this build yet (tracked in issue #{issue})")
-
-    return run
-
-
-class NotBuiltError(Exception):
-    """A planned subcommand whose implementation has not landed."""
-
-
 # --- entry point -----------------------------------------------------------------------------
 def _info(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
@@ -557,9 +612,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         _fail(str(exc))
         return 2
-    except NotBuiltError as exc:
-        _fail(str(exc))
-        return 1
     except KafkaSetupError as exc:
         _fail(str(exc), exc.detail)
         return 1

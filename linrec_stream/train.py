@@ -133,11 +133,15 @@ def train(
     meta: dict | None = None,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    init_weights: dict[str, Tensor] | None = None,
 ) -> tuple[LinRecModel, History]:
     """Train until ``epochs`` or early stopping; returns the best model (eval mode) and history.
 
     With ``resume``, continues from ``out/last.pt`` exactly where it stopped (same RNG streams,
     so a resumed run reproduces an uninterrupted one on CPU).
+
+    ``init_weights``: a full state dict for ``model_config`` to start from instead of the random
+    initialisation (a warm start); ignored with ``resume``, whose checkpoint has the weights.
     """
     from tqdm import tqdm
 
@@ -147,6 +151,8 @@ def train(
         raise ValueError("no user has two or more training interactions")
     seed_everything(train_config.seed)
     model = LinRecModel(model_config).to(device)
+    if init_weights is not None and not resume:
+        model.load_state_dict(init_weights)  # before the optimizer exists: it starts from these
     opt = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
     hist = History()
     start_epoch = 0
