@@ -25,7 +25,7 @@ from linrec_stream.archive import read_archive
 from linrec_stream.cli import main
 from linrec_stream.data import PAD, Interactions, build_sequences
 from linrec_stream.experiment import load_run
-from linrec_stream.kafka.topics import create_topics
+from linrec_stream.kafka.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.registry import ModelRegistry
 from linrec_stream.retrain import (
@@ -104,9 +104,7 @@ def announcements(settings: Settings) -> list[Announcement]:
 def private_settings(broker: Settings, registry: Path, partitions: int = 3) -> tuple[Settings, dict[str, str]]:
     tag = uuid.uuid4().hex[:8]
     env = {
-        "LINREC_TOPIC_INTERACTIONS": f"rt-{tag}-in", "LINREC_TOPIC_RECOMMENDATIONS": f"rt-{tag}-recs",
-        "LINREC_TOPIC_DEAD_LETTER": f"rt-{tag}-dlq", "LINREC_TOPIC_MODEL_UPDATES": f"rt-{tag}-models",
-        "LINREC_TOPIC_STATE_CHANGELOG": f"rt-{tag}-changelog", "LINREC_INTERACTIONS_PARTITIONS": str(partitions),
+        **private_env("rt", tag), "LINREC_INTERACTIONS_PARTITIONS": str(partitions),
         "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "LINREC_REGISTRY_DIR": str(registry),
     }
     settings = Settings.load(env={**os.environ, **env})

@@ -19,7 +19,7 @@ import torch
 
 from consumers.batch import ServingModel, rebuild_batch, rebuild_state
 from consumers.events import encode_event
-from linrec_stream.kafka.topics import create_topics
+from linrec_stream.kafka.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.registry import ModelRegistry
 from linrec_stream.settings import Settings
@@ -88,9 +88,7 @@ class Live:
 def live(broker: Settings, tmp_path: Path) -> Live:
     tag = uuid.uuid4().hex[:8]
     env = {
-        "LINREC_TOPIC_INTERACTIONS": f"s-{tag}-in", "LINREC_TOPIC_RECOMMENDATIONS": f"s-{tag}-recs",
-        "LINREC_TOPIC_DEAD_LETTER": f"s-{tag}-dlq", "LINREC_TOPIC_MODEL_UPDATES": f"s-{tag}-models",
-        "LINREC_TOPIC_STATE_CHANGELOG": f"s-{tag}-changelog", "LINREC_WORKER_GROUP": f"s-{tag}",
+        **private_env("s", tag),
         "LINREC_INTERACTIONS_PARTITIONS": "4", "LINREC_METRICS_PORT": "0", "LINREC_SUMMARY_EVERY_S": "1",
         "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "LINREC_REGISTRY_DIR": str(tmp_path / "models"),
     }

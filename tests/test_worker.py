@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from consumers.events import encode_event
-from linrec_stream.kafka.topics import create_topics
+from linrec_stream.kafka.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
@@ -50,9 +50,7 @@ class Stream:
 def stream(broker: Settings, tmp_path: Path) -> Stream:
     tag = uuid.uuid4().hex[:8]
     env = {
-        "LINREC_TOPIC_INTERACTIONS": f"w-{tag}-in", "LINREC_TOPIC_RECOMMENDATIONS": f"w-{tag}-recs",
-        "LINREC_TOPIC_DEAD_LETTER": f"w-{tag}-dlq", "LINREC_TOPIC_MODEL_UPDATES": f"w-{tag}-models",
-        "LINREC_TOPIC_STATE_CHANGELOG": f"w-{tag}-changelog", "LINREC_WORKER_GROUP": f"w-{tag}",
+        **private_env("w", tag),
         "LINREC_INTERACTIONS_PARTITIONS": str(PARTITIONS), "LINREC_METRICS_PORT": "0",
         "LINREC_SUMMARY_EVERY_S": "1", "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
     }

@@ -60,3 +60,14 @@ def _partition_counts(admin, names: list[str], timeout_s: float) -> dict[str, in
         if all(found.get(n, 0) > 0 for n in names) or time.monotonic() > deadline:
             return found
         time.sleep(0.2)
+
+
+def private_env(prefix: str, tag: str) -> dict[str, str]:
+    """``LINREC_*`` settings naming a private set of topics and consumer group,
+    ``<prefix>-<tag>-in`` and so on, so that a test or benchmark shares nothing with another."""
+    base = f"{prefix}-{tag}"
+    return {
+        "LINREC_TOPIC_INTERACTIONS": f"{base}-in", "LINREC_TOPIC_RECOMMENDATIONS": f"{base}-recs",
+        "LINREC_TOPIC_DEAD_LETTER": f"{base}-dlq", "LINREC_TOPIC_MODEL_UPDATES": f"{base}-models",
+        "LINREC_TOPIC_STATE_CHANGELOG": f"{base}-changelog", "LINREC_WORKER_GROUP": base,
+    }
