@@ -200,6 +200,8 @@ def build_parser() -> argparse.ArgumentParser:
     qs.add_argument("--warm-fraction", type=float, default=0.9, help="share of the log (by time) to warm up with")
     qs.add_argument("--live-rate", type=float, default=1000.0, help="events/s for the rest")
     qs.add_argument("--train-epochs", type=int, default=3)
+    qs.add_argument("--no-retrain", action="store_true",
+                    help="skip the last stage (a retraining round on the archive, published and hot-swapped)")
     qs.set_defaults(func=_quickstart)
     return parser
 
@@ -582,7 +584,8 @@ def _quickstart(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--live-rate must be > 0 and --train-epochs >= 1")
     if args.model is not None and not (args.model / "model.pt").exists():
         raise UsageError(f"--model {args.model}: no model.pt there")
-    opts = QuickstartOptions(args.data, args.model, args.warm_fraction, args.live_rate, args.train_epochs)
+    opts = QuickstartOptions(args.data, args.model, args.warm_fraction, args.live_rate, args.train_epochs,
+                             retrain=not args.no_retrain)
     return quickstart(settings, opts, log=lambda m: print(m, flush=True))
 
 

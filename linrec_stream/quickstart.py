@@ -2,8 +2,9 @@
 
 local Kafka broker -> ML-1M fetched -> a model (trained quickly, or reused) -> a stream worker
 -> the first 90% of the log (by time) replayed to warm every user's state -> the last 10%
-replayed at a steady rate while live recommendations are shown -> a summary. It stops what it
-started (the broker only if it was not already running).
+replayed at a steady rate while live recommendations are shown -> one retraining round on the
+event archive (warm start), published to a private model registry and hot-swapped into the running
+worker -> a summary. It stops what it started (the broker only if it was not already running).
 
 Its topics are private (``quickstart-*``, recreated on every run) and so are its state store and
 consumer group, so a run never mixes with a previous one or with a production setup.
@@ -39,6 +40,7 @@ class QuickstartOptions:
     live_rate: float = 1000.0  # events/s for the last part
     train_epochs: int = 3
     show: int = 12  # live recommendations printed
+    retrain: bool = True  # the model lifecycle stage: retrain on the archive, publish, hot swap
 
 
 def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) -> int:
@@ -50,16 +52,18 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
     home.mkdir(parents=True, exist_ok=True)
     broker = LocalBroker(settings)
     started_broker = False
+    steps = 7 if opts.retrain else 6
     if settings.bootstrap_servers == settings.local_bootstrap:
         res = broker.start(log=log)
         started_broker = not res.already_running
-        log(f"[1/6] Kafka at {settings.bootstrap_servers}"
+        log(f"[1/{steps}] Kafka at {settings.bootstrap_servers}"
             + (f" (started in {res.seconds:.1f}s)" if started_broker else " (already running)"))
     qs = settings.replace(
         topic_interactions="quickstart-interactions", topic_recommendations="quickstart-recommendations",
         topic_dead_letter="quickstart-interactions-dlq", topic_model_updates="quickstart-model-updates",
         topic_state_changelog="quickstart-user-state-changelog", worker_group=f"quickstart-{uuid.uuid4().hex[:8]}",
         state_dir=home / "state", metrics_port=0, summary_every_s=15.0, batch_size=512, batch_ms=50,
+        registry_dir=home / "models",
     )
     worker = None
     try:
@@ -68,15 +72,17 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         from linrec_stream.data import resolve_data
 
         path = resolve_data(opts.data, settings.path(settings.data_dir), log=log)
-        log(f"[2/6] data: {path}")
+        log(f"[2/{steps}] data: {path}")
         model_dir = opts.model_dir or home / "model"
         if not (model_dir / "model.pt").exists():
             _train_quick(path, model_dir, settings, opts.train_epochs, log)
-        log(f"[3/6] model: {model_dir}")
+        log(f"[3/{steps}] model: {model_dir}")
+        first = _fresh_registry(qs, model_dir)
+        log(f"      registered and promoted as {first[:12]} in {qs.registry_dir}")
         if qs.state_dir.exists():
             shutil.rmtree(qs.state_dir)
-        worker = _start_worker(qs, model_dir, home / "worker.log")
-        log(f"[4/6] worker started (pid {worker.pid}, log {home / 'worker.log'})")
+        worker = _start_worker(qs, home / "worker.log")
+        log(f"[4/{steps}] worker started (pid {worker.pid}, log {home / 'worker.log'})")
 
         from linrec_stream.replay import ReplayPlan, ordered_events, replay
 
@@ -84,12 +90,12 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         cut = float(ts[int(len(ts) * opts.warm_fraction)])
         t_warm = time.monotonic()
         warm = replay(ReplayPlan(path, qs.topic_interactions, to_ts=cut), qs.bootstrap_servers)
-        log(f"[5/6] warm-up: {warm.describe()}; waiting for the worker to apply them ...")
+        log(f"[5/{steps}] warm-up: {warm.describe()}; waiting for the worker to apply them ...")
         _wait_caught_up(qs, worker, warm.sent, log)
         warm_s = time.monotonic() - t_warm
         log(f"      worker caught up: {warm.sent:,} events applied in {warm_s:.0f}s ({warm.sent / warm_s:,.0f}/s)")
 
-        log(f"[6/6] live: replaying the rest at {opts.live_rate:,.0f} events/s; recommendations as they arrive:")
+        log(f"[6/{steps}] live: replaying the rest at {opts.live_rate:,.0f} events/s; recommendations as they arrive:")
         watcher = _RecWatcher(qs, opts.show, log)
         watcher.start()
         live = replay(ReplayPlan(path, qs.topic_interactions, rate=opts.live_rate, from_ts=cut), qs.bootstrap_servers,
@@ -98,8 +104,11 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         time.sleep(1.0)
         watcher.stop()
         log(f"      {live.describe()}")
+        swap = _lifecycle(qs, home / "worker.log", log) if opts.retrain else None
         dead = _count(qs, qs.topic_dead_letter)
         _summary(warm, live, watcher, dead, time.monotonic() - t_start, log)
+        if swap:
+            log(f"  model lifecycle     {swap}")
         return 0
     finally:
         if worker is not None and worker.poll() is None:
@@ -137,7 +146,7 @@ def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Lo
     from linrec_stream.model import ModelConfig
     from linrec_stream.train import TrainConfig, resolve_device
 
-    log(f"[3/6] no model yet: training a small LinRec ({epochs} epochs; `linrec-stream train` makes better ones)")
+    log(f"      no model yet: training a small LinRec ({epochs} epochs; `linrec-stream train` makes better ones)")
     prepared = prepare(str(path), settings.path(settings.data_dir), log=log)
     mc = ModelConfig(num_items=prepared.split.data.num_items, hidden_size=32, num_layers=2, num_heads=2,
                      attention="linrec", max_len=50, dropout=0.2, inner_size=64)
@@ -146,14 +155,53 @@ def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Lo
     run_training(prepared, mc, tc, out, resolve_device(settings.device), progress=True, log=log)
 
 
-def _start_worker(s: Settings, model_dir: Path, log_path: Path) -> subprocess.Popen:
+def _fresh_registry(s: Settings, model_dir: Path) -> str:
+    """A private registry holding only ``model_dir``'s model, in force; returns its version."""
+    from linrec_stream.registry import ModelRegistry
+
+    if s.registry_dir.exists():
+        shutil.rmtree(s.registry_dir)
+    registry = ModelRegistry(s.registry_dir)
+    version = registry.add(model_dir, origin="train", note="quickstart").version
+    registry.promote(version)
+    return version
+
+
+def _lifecycle(s: Settings, worker_log: Path, log: Log) -> str:
+    """One retraining round on the archive; if published, wait for the worker's hot swap."""
+    import re
+
+    from linrec_stream.retrain import RetrainConfig, retrain_once
+    from linrec_stream.train import resolve_device
+
+    log("[7/7] model lifecycle: one retraining round on the event archive (warm start from the model in "
+        "force, 1 epoch), publish if not worse, hot swap in the running worker")
+    res = retrain_once(s, RetrainConfig(epochs=1, patience=1, batch_size=256, lr=1e-3),
+                       resolve_device(s.device), log=lambda m: log(f"      {m}"), progress=True)
+    if not res.published:
+        return f"candidate {res.version[:12]} {res.decision}: {res.reason} (the worker keeps its model)"
+    pattern = rf"model swap to {res.version[:12]} complete: (\d+) states rebuilt in ([\d.]+)s \(([\d.]+)s after"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        m = re.search(pattern, worker_log.read_text())
+        if m:
+            line = (f"{res.parent[:12] if res.parent else '-'} -> {res.version[:12]} ({res.reason}); the worker rebuilt "
+                    f"{int(m.group(1)):,} states {float(m.group(3)):.1f}s after the announcement, without a restart")
+            log(f"      hot swap: {line}")
+            return line
+        time.sleep(0.5)
+    return f"published {res.version[:12]}, but the worker did not report the swap within 600s"
+
+
+def _start_worker(s: Settings, log_path: Path) -> subprocess.Popen:
+    """A worker serving the registry's version in force (hot swap on announcements)."""
     env = {**os.environ, **{f"LINREC_{k.upper()}": str(getattr(s, k)) for k in (
         "bootstrap_servers", "topic_interactions", "topic_recommendations", "topic_dead_letter",
         "topic_model_updates", "topic_state_changelog", "worker_group", "metrics_port", "summary_every_s",
-        "interactions_partitions")}}
-    cmd = [sys.executable, "-m", "linrec_stream.cli", "worker", "--model", str(model_dir), "--state-dir",
+        "interactions_partitions", "registry_dir")}}
+    cmd = [sys.executable, "-m", "linrec_stream.cli", "worker", "--state-dir",
            str(s.state_dir), "--batch-size", str(s.batch_size), "--batch-ms", str(s.batch_ms)]
-    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(cmd, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
 
 
 def _group_position(s: Settings) -> int:
