@@ -66,6 +66,10 @@ class UpdateFollower:
 
         self.consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
                                       group_id=None, client_id="linrec-model-follower")
+        if not self.consumer.partitions_for_topic(topic):
+            self.consumer.close()
+            raise ValueError(f"topic {topic!r} does not exist on {bootstrap_servers}: run `linrec-stream topics "
+                             "create` (a worker following the registry listens there for new model versions)")
         self.tp = TopicPartition(topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek_to_end(self.tp)

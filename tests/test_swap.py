@@ -225,3 +225,11 @@ def test_worker_without_a_version_in_force_says_so(broker: Settings, tmp_path: P
     res = run_cli("worker", "--state-dir", str(tmp_path / "state"), "--idle-exit", "1", env=env)
     assert res.returncode == 1
     assert "no model version is in force" in res.stderr and "Traceback" not in res.stderr
+    # With a version in force but no model-updates topic to follow: says which command creates it.
+    registry = ModelRegistry(tmp_path / "empty")
+    make_run(tmp_path / "run", 0)
+    registry.promote(registry.add(tmp_path / "run").version)
+    env["LINREC_TOPIC_MODEL_UPDATES"] = f"missing-{uuid.uuid4().hex[:8]}"
+    res = run_cli("worker", "--state-dir", str(tmp_path / "state"), "--idle-exit", "1", env=env)
+    assert res.returncode == 1 and "does not exist" in res.stderr and "topics create" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
