@@ -209,7 +209,8 @@ class StreamWorker:
                 if not records:
                     self._rejoin_if_stuck()
                 if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
-                    log.info(self.metrics.summary(self._lag()))
+                    log.info(self.metrics.summary(self._lag()) + f"; model {self.serving.version[:12]}"
+                             + (" (swap in progress)" if self.sweep and self.sweep.announced_ms else ""))
                     self._last_summary = time.monotonic()
         finally:
             self.close()
