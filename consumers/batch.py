@@ -88,7 +88,7 @@ def apply_batch(
     stale = [row for row, st in enumerate(states) if st is None]
     if stale:
         # Built by another model version: rebuilt under this one from their windows, all at once.
-        _, rebuilt = _encode_windows(serving, [stored[users[row]].window for row in stale])
+        _, rebuilt = _encode_ids(serving, [serving.ids(stored[users[row]].window) for row in stale])
         for j, row in enumerate(stale):
             states[row] = rebuilt[j]
         result.rebuilt += len(stale)
@@ -103,7 +103,7 @@ def apply_batch(
 
     windows = _new_windows(stored, per_user, window)
     scored = [row for row, ids in enumerate(new_ids) if ids]
-    top_items = _top_k(serving, h_last, scored, windows, top_k)
+    top_items = _top_k(serving, h_last, scored, [serving.ids(w) for w in windows], top_k)
     t3 = time.perf_counter()
 
     produced_at = time.time() if now is None else now
@@ -127,18 +127,17 @@ def apply_batch(
     return result
 
 
-
 def _top_k(
-    serving: ServingModel, h_last: Tensor, rows: list[int], windows: list[tuple[str, ...]], top_k: int
+    serving: ServingModel, h_last: Tensor, rows: list[int], seen: list[list[int]], top_k: int
 ) -> dict[int, tuple[list[int], list[float]]]:
-    """Top-k item ids and scores for the given rows of h_last (U, D), each row's window excluded."""
+    """Top-k item ids and scores for the given rows of h_last (U, D), each row's ``seen`` item
+    ids (its recent window) excluded."""
     if not rows:
         return {}
     scores = serving.model.score(h_last[rows]).float()  # (S, I+1)
     for j, row in enumerate(rows):
-        seen = serving.ids(windows[row])
-        if seen:
-            scores[j, torch.tensor(seen, device=scores.device)] = float("-inf")
+        if seen[row]:
+            scores[j, torch.tensor(seen[row], device=scores.device)] = float("-inf")
     vals, idx = scores.topk(min(top_k, serving.model.config.num_items), dim=1)
     return {row: (idx[j].tolist(), vals[j].tolist()) for j, row in enumerate(rows)}
 
@@ -179,11 +178,11 @@ def rebuild_batch(
     stale = [r for r in records if r.model_version != serving.version]
     if not stale:
         return result
-    windows = [r.window for r in stale]
-    h, new_state = _encode_windows(serving, windows)  # (U, R, D)
+    ids = [serving.ids(r.window) for r in stale]
+    h, new_state = _encode_ids(serving, ids)  # (U, R, D)
     t1 = time.perf_counter()
-    known = [row for row, w in enumerate(windows) if serving.ids(w)]
-    top_items = _top_k(serving, h[:, -1], known, windows, top_k)
+    known = [row for row, x in enumerate(ids) if x]
+    top_items = _top_k(serving, h[:, -1], known, ids, top_k)
     t2 = time.perf_counter()
     produced_at = time.time() if now is None else now
     cpu_state = new_state.to("cpu")
@@ -197,6 +196,7 @@ def rebuild_batch(
     result.rebuilt = len(stale)
     result.timings = {"update": t1 - t0, "score": t2 - t1, "pack": time.perf_counter() - t2}
     return result
+
 
 def _new_events_by_user(
     stored: dict[str, UserRecord], events: list[Interaction], result: BatchResult
@@ -237,18 +237,17 @@ def _load_state(serving: ServingModel, rec: UserRecord | None) -> UserState | No
         return None
 
 
-def _encode_windows(serving: ServingModel, windows: list[tuple[str, ...]]) -> tuple[Tensor, UserState]:
-    """Each window's known items applied from the empty state: hidden states (U, R, D) and the
-    states (U users), as if each user's history were just these items."""
-    ids = [serving.ids(w) for w in windows]
-    start = UserState.stack([serving.empty] * len(windows))
+def _encode_ids(serving: ServingModel, ids: list[list[int]]) -> tuple[Tensor, UserState]:
+    """Each row's item ids applied from the empty state: hidden states (U, R, D) and the states
+    (U users), as if each user's history were just these items."""
+    start = UserState.stack([serving.empty] * len(ids))
     return serving.model.encode(_left_padded(ids).to(serving.model.device), start)
 
 
 @torch.inference_mode()
 def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
     """The state this model reaches from an empty history by applying ``window``'s known items."""
-    return _encode_windows(serving, [window])[1]
+    return _encode_ids(serving, [serving.ids(window)])[1]
 
 
 @torch.inference_mode()
@@ -279,7 +278,7 @@ def reencode_batch(
     t1 = time.perf_counter()
     h_last = model(seq.to(model.device))[:, -1]  # (U, D)
     t2 = time.perf_counter()
-    top_items = _top_k(serving, h_last, list(range(len(users))), windows, top_k)
+    top_items = _top_k(serving, h_last, list(range(len(users))), ids, top_k)
     t3 = time.perf_counter()
     produced_at = time.time() if now is None else now
     for row, user in enumerate(users):
