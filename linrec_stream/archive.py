@@ -44,7 +44,6 @@ class Archive:
             user's events keep their stream order: a user's events share one partition).
         topic: the topic read.
         offsets: partition -> (first offset, end offset) read, end exclusive.
-        events: number of valid events (``len(interactions)``).
         skipped: malformed messages skipped.
         first_ts, last_ts: smallest and largest event time (epoch seconds); None when empty.
         seconds: wall-clock time the read took.
@@ -53,11 +52,15 @@ class Archive:
     interactions: Interactions
     topic: str
     offsets: dict[int, tuple[int, int]]
-    events: int
     skipped: int
     first_ts: float | None
     last_ts: float | None
     seconds: float
+
+    @property
+    def events(self) -> int:
+        """Number of valid events read."""
+        return len(self.interactions)
 
     def describe(self) -> dict:
         """The data range as JSON-ready values (for a model card)."""
@@ -124,7 +127,7 @@ def read_archive(settings: Settings, log: Log = print, progress: bool = False,
     inter = _to_interactions(logs, parts, f"kafka:{topic}")
     events = len(inter)
     archive = Archive(
-        interactions=inter, topic=topic, offsets=offsets, events=events, skipped=skipped,
+        interactions=inter, topic=topic, offsets=offsets, skipped=skipped,
         first_ts=float(inter.ts.min()) if events else None, last_ts=float(inter.ts.max()) if events else None,
         seconds=time.monotonic() - t0,
     )
