@@ -43,16 +43,17 @@ fi
 
 paper=(--hidden 128 --layers 2 --heads 8 --inner 256 --max-len 200 --dropout 0.2 --lr 1e-3 --batch-size 128
        --epochs 200 --patience 10)
-# RUNS="att:seed[:heads] ..." picks the runs; by default linrec and softmax on every seed, the
-# other variants on the first.
+# RUNS="att:seed[:heads] ..." picks the runs; by default linrec_decay, linrec and softmax on every
+# seed (9 runs: what fitted side by side on an H200 in ~6.5 min). The first RESULTS.md batch was
+# RUNS="linrec:42 softmax:42 linrec:43 softmax:43 linrec:44 softmax:44 linrec_seqnorm:42 linear:42
+# linrec_bidir:42".
 runs=()
 if [ -n "${RUNS:-}" ]; then
     read -r -a runs <<<"$RUNS"
 else
     for seed in $seeds; do
-        for att in linrec softmax; do runs+=("$att:$seed"); done
+        for att in linrec_decay linrec softmax; do runs+=("$att:$seed"); done
     done
-    for att in linrec_seqnorm linear linrec_bidir; do runs+=("$att:${seeds%% *}"); done
 fi
 name_of() {  # att:seed[:heads] -> run name
     local att seed heads

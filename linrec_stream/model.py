@@ -12,7 +12,9 @@ Architecture (SASRec as in RecBole, with the attention swapped):
 LayerNorm eps 1e-12, weights N(0, 0.02), biases 0, as RecBole.
 
 Attention variants (``ModelConfig.attention``; maths in ``linrec_stream/ops``):
-``linrec`` (the official LinRec layer made causal, padding masked), ``linrec_seqnorm`` (the
+``linrec`` (the official LinRec layer made causal, padding masked), ``linrec_decay`` (``linrec``
+whose state decays by a learned factor γ per head and event, so recent events weigh more and a
+state stays bounded over an unbounded stream), ``linrec_seqnorm`` (the
 paper's text made causal), ``linear`` (Katharopoulos et al.), ``softmax`` (SASRec; its one-event
 form keeps a key/value cache that grows with the history) and ``linrec_bidir`` (the official
 layer as written: bidirectional, padding included; offline only, no one-event form).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from functools import partial
 from pathlib import Path
@@ -60,7 +63,7 @@ class ModelConfig:
 
     num_items: number of real items; ids are 1..num_items, 0 is padding.
     hidden_size: model width D; split into num_heads heads of D / num_heads.
-    attention: "linrec", "linrec_seqnorm", "linear", "softmax" or "linrec_bidir".
+    attention: "linrec", "linrec_decay", "linrec_seqnorm", "linear", "softmax" or "linrec_bidir".
     max_len: number of learned positions (later events reuse the last one) and the length of
         the training windows.
     dropout: on embeddings, attention output and feed-forward output (RecBole hidden_dropout).
@@ -150,6 +153,18 @@ class Attention(nn.Module):
         self.parallel = self.op.parallel
         if self.op.state_kind == "linear":
             self.parallel = partial(self.op.parallel, form=cfg.parallel_form, chunk_size=cfg.chunk_size)
+        if self.op.has_decay:
+            # log γ_h = -exp(a_h): γ stays in (0, 1) without clamping, and Adam moves a_h, the log
+            # of the forgetting rate, by relative steps (a sigmoid would freeze the slow heads).
+            # Initial half-lives spread geometrically from 4 to 256 events over the heads, so
+            # some heads start near the most recent events and some near the whole history.
+            H = cfg.num_heads
+            half_lives = torch.logspace(2.0, 8.0, H, base=2.0) if H > 1 else torch.tensor([32.0])
+            self.log_decay_rate = nn.Parameter(torch.log(math.log(2.0) / half_lives))  # (H,)
+
+    def log_decay(self) -> Tensor:
+        """log γ per head (H,), ≤ 0 (``linrec_decay`` only): each event multiplies the state by γ."""
+        return -torch.exp(self.log_decay_rate)
 
     def _heads(self, x: Tensor) -> Tensor:
         B, T, D = x.shape
@@ -165,13 +180,16 @@ class Attention(nn.Module):
     ) -> tuple[Tensor, LinearState | KVCache | None]:
         """x (B, T, D); mask (B, T) bool or None (all real). Returns (B, T, D) and the state."""
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        extra = {}
+        if self.op.has_decay:
+            extra["log_decay"] = self.log_decay()
         if recurrent:
-            o, state = self.op.recurrent(q, k, v, state, output_final_state, mask=mask)
+            o, state = self.op.recurrent(q, k, v, state, output_final_state, mask=mask, **extra)
         elif self.op.name == "softmax":
             p = self.attn_dropout if self.training else 0.0
             o, state = self.parallel(q, k, v, state, output_final_state, mask=mask, dropout_p=p)
         else:
-            o, state = self.parallel(q, k, v, state, output_final_state, mask=mask)
+            o, state = self.parallel(q, k, v, state, output_final_state, mask=mask, **extra)
         B, H, T, d = o.shape
         o = o.transpose(1, 2).reshape(B, T, H * d)  # (B, T, D)
         return self.norm(x + self.dropout(self.dense(o))), state
@@ -273,6 +291,14 @@ class LinRecModel(nn.Module):
         """
         h, state = self._run(items[:, None], state, output_final_state=True, recurrent=True)
         return h[:, 0], state
+
+    def decay_half_lives(self) -> list[list[float]] | None:
+        """``linrec_decay``: per layer, per head, the number of events after which an event's
+        weight in the state has halved (ln 2 / -log γ); None for the other variants."""
+        if not self.op.has_decay:
+            return None
+        with torch.no_grad():
+            return [(math.log(2.0) / -b.attention.log_decay()).tolist() for b in self.blocks]
 
     def score(self, h: Tensor) -> Tensor:
         """h (..., D) -> logits (..., num_items + 1) against every item; column 0 is -inf."""

@@ -193,6 +193,8 @@ def train(
         valid = evaluate(model, data.valid, batch_size=train_config.eval_batch_size)
         row = {"epoch": epoch + 1, "loss": total / n, "train_s": train_s,
                "eval_s": time.monotonic() - t0 - train_s, **{f"valid_{k}": v for k, v in valid.items()}}
+        if (half_lives := model.decay_half_lives()) is not None:
+            row["decay_half_lives"] = [[round(x, 2) for x in layer] for layer in half_lives]
         hist.epochs.append(row)
         improved = valid["ndcg@10"] > hist.best_ndcg
         if improved:

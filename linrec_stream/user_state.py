@@ -11,7 +11,8 @@ Byte format, version 1 (little-endian), for a single user:
     4      2     format version (1)
     6      2     header size in bytes (54)
     8      16    model version id (the model's content hash, see ``LinRecModel.version``)
-    24     1     attention variant (1 linrec, 2 linrec_seqnorm, 3 linear, 4 softmax)
+    24     1     attention variant (1 linrec, 2 linrec_seqnorm, 3 linear, 4 softmax,
+                 5 linrec_decay)
     25     1     dtype of the tensors (1 float32, 2 float16, 3 bfloat16, 4 float64);
                  by default the state's own (float32 for a float32 model)
     26     2     number of layers L
@@ -25,7 +26,7 @@ Byte format, version 1 (little-endian), for a single user:
                  for softmax instead k and v (L, H, T, d) each. C order, no padding.
 
 Size per user with the default config (hidden 64, 2 layers, 2 heads, so d = 32), float32:
-linrec 54 + 4·2·2·32·32 = 16,438 bytes; linrec_seqnorm and linear + 512 = 16,950 bytes;
+linrec and linrec_decay 54 + 4·2·2·32·32 = 16,438 bytes; linrec_seqnorm and linear + 512 = 16,950 bytes;
 softmax 54 + 1,024 bytes per event (204,854 bytes after 200 events). float16/bfloat16 halve
 the payload.
 """
@@ -49,7 +50,7 @@ FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sHH16sBBHHHHQQI")
 HEADER_SIZE = _HEADER.size  # 54
 
-VARIANT_CODES = {"linrec": 1, "linrec_seqnorm": 2, "linear": 3, "softmax": 4}
+VARIANT_CODES = {"linrec": 1, "linrec_seqnorm": 2, "linear": 3, "softmax": 4, "linrec_decay": 5}
 DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
 _VARIANTS = {c: n for n, c in VARIANT_CODES.items()}
 _DTYPES = {c: t for t, c in DTYPE_CODES.items()}
@@ -289,7 +290,7 @@ class UserState:
 def _payload_shapes(attention: str, L: int, H: int, d: int, T: int) -> list[tuple[int, ...]]:
     if attention == "softmax":
         return [(L, H, T, d), (L, H, T, d)]
-    if attention == "linrec":
+    if attention in ("linrec", "linrec_decay"):
         return [(L, H, d, d)]
     return [(L, H, d, d), (L, H, d)]
 

@@ -14,7 +14,7 @@ from linrec_stream.model import LinRecModel, ModelConfig, UserState
 from linrec_stream.ops import StreamingUnsupported
 from linrec_stream.user_state import HEADER_SIZE, StateFormatError, StateMismatchError
 
-STREAMABLE = ["linrec", "linrec_seqnorm", "linear", "softmax"]
+STREAMABLE = ["linrec", "linrec_decay", "linrec_seqnorm", "linear", "softmax"]
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}
 
 
@@ -348,7 +348,7 @@ def test_default_config_state_size_matches_the_documentation():
         model = LinRecModel(replace(cfg, attention=attention)).eval()
         _, state = model.encode(torch.randint(1, 3707, (1, 200)))
         sizes[attention] = len(state.to_bytes())
-    assert sizes == {"linrec": 16438, "linrec_seqnorm": 16950, "linear": 16950, "softmax": 204854}
+    assert sizes == {"linrec": 16438, "linrec_decay": 16438, "linrec_seqnorm": 16950, "linear": 16950, "softmax": 204854}
 
 
 def _linrec_blob():

@@ -15,6 +15,7 @@ from linrec_stream.ops import (
     StreamingUnsupported,
     chunked_form,
     masked_form,
+    unit_elu,
 )
 
 STREAMABLE = [name for name, op in OPS.items() if op.streamable]
@@ -32,13 +33,42 @@ def left_pad_mask(pads: list[int], T: int) -> torch.Tensor:
     return torch.arange(T)[None, :] >= torch.tensor(pads)[:, None]
 
 
+def test_decay(H: int, dtype=torch.float64) -> torch.Tensor:
+    """log γ per head for ``linrec_decay`` tests: strong enough (γ 0.6 to 0.95) that a wrong
+    exponent anywhere changes the outputs well beyond the tolerances."""
+    return torch.log(torch.linspace(0.6, 0.95, H, dtype=dtype))
+
+
+test_decay.__test__ = False  # a helper, not a test
+
+
+class op_:  # noqa: N801 - reads as OPS[name] at the call sites
+    """``OPS[name]`` with the decay of ``linrec_decay`` bound (from the head count of q)."""
+
+    def __init__(self, name: str) -> None:
+        self._op = OPS[name]
+        self.naive = self._bind(self._op.naive)
+        self.recurrent = self._bind(self._op.recurrent)
+        self.parallel = self._bind(self._op.parallel)
+
+    def _bind(self, f):
+        if not self._op.has_decay:
+            return f
+
+        def with_decay(q, *args, **kw):
+            kw.setdefault("log_decay", test_decay(q.shape[1], q.dtype))
+            return f(q, *args, **kw)
+
+        return with_decay
+
+
 def parallel(name: str, form: str, chunk_size: int = 4):
-    op = OPS[name]
+    fn, linear = op_(name).parallel, OPS[name].state_kind == "linear"
 
     def f(*args, **kw):
-        if op.state_kind == "linear":
+        if linear:
             kw.update(form=form, chunk_size=chunk_size)
-        return op.parallel(*args, **kw)
+        return fn(*args, **kw)
 
     return f
 
@@ -46,7 +76,7 @@ def parallel(name: str, form: str, chunk_size: int = 4):
 def fast_forms(name: str):
     """Every fast form of a variant (chunk size 4 so that short tests cross chunk borders)."""
     forms = {f"parallel-{form}": parallel(name, form) for form in FORMS}
-    forms["recurrent"] = OPS[name].recurrent
+    forms["recurrent"] = op_(name).recurrent
     return forms
 
 
@@ -54,7 +84,7 @@ def prefix_state(name: str, B: int, H: int, d: int, T0: int = 5, seed: int = 1):
     """A realistic state: what the naive loop returns after T0 events (some rows padded)."""
     q, k, v = make_qkv(B, H, T0, d, seed=seed)
     mask = left_pad_mask([(b * 2) % T0 for b in range(B)], T0)
-    return OPS[name].naive(q, k, v, None, True, mask=mask)[1]
+    return op_(name).naive(q, k, v, None, True, mask=mask)[1]
 
 
 def assert_close(a, b, rtol=1e-9, atol=1e-10):
@@ -80,7 +110,7 @@ def test_fast_forms_match_naive(name, B, H, T, d, padded, with_state):
     q, k, v = make_qkv(B, H, T, d)
     mask = left_pad_mask([(3 * b) % T for b in range(B)], T) if padded else None
     s0 = prefix_state(name, B, H, d) if with_state else None
-    o_ref, s_ref = OPS[name].naive(q, k, v, s0, True, mask=mask)
+    o_ref, s_ref = op_(name).naive(q, k, v, s0, True, mask=mask)
     for form, f in fast_forms(name).items():
         o, s = f(q, k, v, s0, True, mask=mask)
         assert o.shape == (B, H, T, d), form
@@ -112,7 +142,7 @@ def test_left_padding_equals_real_events_alone(name):
     q, k, v = make_qkv(1, 2, 9, 4)
     q2, k2, v2 = (torch.cat([x, torch.cat([torch.randn_like(x[..., :4, :]), x[..., 4:, :]], 2)]) for x in (q, k, v))
     mask = left_pad_mask([0, 4], 9)
-    o_alone, _ = OPS[name].naive(q[..., 4:, :], k[..., 4:, :], v[..., 4:, :])
+    o_alone, _ = op_(name).naive(q[..., 4:, :], k[..., 4:, :], v[..., 4:, :])
     for f in fast_forms(name).values():
         o, _ = f(q2, k2, v2, mask=mask)
         assert_close(o[1, :, 4:], o_alone[0])
@@ -127,7 +157,7 @@ def test_split_and_resume_equals_one_call(name, split):
         o_full, s_full = f(q, k, v, None, True, mask=mask)
         o1, s1 = f(q[:, :, :split], k[:, :, :split], v[:, :, :split], None, True, mask=mask[:, :split])
         # resume with a different form than the first half: parallel then recurrent and back
-        g = OPS[name].recurrent if form.startswith("parallel") else parallel(name, "chunked")
+        g = op_(name).recurrent if form.startswith("parallel") else parallel(name, "chunked")
         o2, s2 = g(q[:, :, split:], k[:, :, split:], v[:, :, split:], s1, True, mask=mask[:, split:])
         assert_close(torch.cat([o1, o2], dim=2), o_full)
         if name == "softmax":
@@ -155,7 +185,7 @@ def test_parallel_gradients_match_naive(name, form):
         loss = (o * w).sum() + sum((x.sum() for x in s if x is not None and x.is_floating_point()))
         return torch.autograd.grad(loss, leaves)
 
-    for g_fast, g_ref in zip(grads(parallel(name, form)), grads(OPS[name].naive)):
+    for g_fast, g_ref in zip(grads(parallel(name, form)), grads(op_(name).naive)):
         assert torch.isfinite(g_fast).all()
         assert_close(g_fast, g_ref)
 
@@ -164,7 +194,7 @@ def test_parallel_gradients_match_naive(name, form):
 def test_float32_within_1e4_of_float64_spec(name):
     q, k, v = make_qkv(2, 2, 300, 16)
     mask = left_pad_mask([0, 17], 300)
-    o_ref, _ = OPS[name].naive(q, k, v, mask=mask)
+    o_ref, _ = op_(name).naive(q, k, v, mask=mask)
     for form, f in fast_forms(name).items():
         if form == "recurrent" and name == "softmax":
             continue  # same arithmetic as the naive loop; 300 steps over a growing cache is slow
@@ -186,9 +216,9 @@ def test_hypothesis_lengths_and_paddings(data, name, T, B, d, chunk):
     pads = data.draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
     q, k, v = make_qkv(B, 2, T, d, seed=T * 31 + d)
     mask = left_pad_mask(pads, T)
-    o_ref, s_ref = OPS[name].naive(q, k, v, None, True, mask=mask)
+    o_ref, s_ref = op_(name).naive(q, k, v, None, True, mask=mask)
     forms = {"chunked": parallel(name, "chunked", chunk), "masked": parallel(name, "masked")}
-    forms["recurrent"] = OPS[name].recurrent
+    forms["recurrent"] = op_(name).recurrent
     for f in forms.values():
         o, s = f(q, k, v, None, True, mask=mask)
         assert_close(o, o_ref)
@@ -254,3 +284,61 @@ def test_softmax_cache_grows_by_one_slot_per_event():
     assert isinstance(s, KVCache) and s.k.shape == (2, 2, 3, 4) and s.mask.all()
     _, s = OPS["softmax"].recurrent(q[:, :, :1], k[:, :, :1], v[:, :, :1], s, True)
     assert s.k.shape[2] == 4
+
+
+# --- linrec_decay ---------------------------------------------------------------------------
+
+
+def test_decay_zero_is_linrec_and_strong_decay_keeps_only_the_last_event():
+    q, k, v = make_qkv(2, 3, 10, 4)
+    mask = left_pad_mask([0, 2], 10)
+    for form in FORMS:
+        f = parallel("linrec_decay", form)
+        o_none, _ = f(q, k, v, mask=mask, log_decay=torch.zeros(3, dtype=q.dtype))
+        assert_close(o_none, parallel("linrec", form)(q, k, v, mask=mask)[0])
+        # γ = e^-60: every earlier event is forgotten, o_t = q̂_t·k̂_t v_t / √d.
+        o_last, _ = f(q, k, v, mask=mask, log_decay=torch.full((3,), -60.0, dtype=q.dtype))
+        weight = (unit_elu(q) * unit_elu(k)).sum(-1, keepdim=True) / 2.0  # q̂_t·k̂_t / √d, d = 4
+        expect = torch.where(mask[:, None, :, None], weight * v, 0.0)
+        assert_close(o_last, expect)
+
+
+def test_decay_padding_does_not_decay_the_state():
+    # Padding in the middle of a row must neither add to nor shrink the state.
+    q, k, v = make_qkv(1, 2, 8, 4)
+    mask = torch.tensor([[True, True, True, False, False, True, True, True]])
+    keep = mask[0]
+    o_gap, s_gap = op_("linrec_decay").naive(q, k, v, None, True, mask=mask)
+    o_alone, s_alone = op_("linrec_decay").naive(q[:, :, keep], k[:, :, keep], v[:, :, keep], None, True)
+    for f in fast_forms("linrec_decay").values():
+        o, s = f(q, k, v, None, True, mask=mask)
+        assert_close(o[:, :, keep], o_alone)
+        assert_close(o, o_gap)
+        assert_close(s.S, s_alone.S)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_decay_gradient_matches_naive(form):
+    q, k, v = make_qkv(2, 2, 11, 3)
+    mask = left_pad_mask([0, 3], 11)
+    s0 = prefix_state("linrec_decay", 2, 2, 3)
+
+    def grad_of_decay(f):
+        ld = test_decay(2).requires_grad_(True)
+        o, s = f(q, k, v, s0, True, mask=mask, log_decay=ld)
+        (o.square().sum() + s.S.sum()).backward()
+        return ld.grad
+
+    g_ref = grad_of_decay(OPS["linrec_decay"].naive)
+    assert g_ref.abs().min() > 1e-3  # the loss does depend on both heads' decay
+    assert_close(grad_of_decay(parallel("linrec_decay", form)), g_ref)
+    assert_close(grad_of_decay(OPS["linrec_decay"].recurrent), g_ref)
+
+
+def test_decay_forms_demand_one_rate_per_head():
+    q, k, v = make_qkv(1, 3, 4, 2)
+    for f in (OPS["linrec_decay"].parallel, OPS["linrec_decay"].recurrent):
+        with pytest.raises(ValueError, match=r"log_decay of shape \(3,\)"):
+            f(q, k, v)
+        with pytest.raises(ValueError, match=r"log_decay of shape \(3,\)"):
+            f(q, k, v, log_decay=torch.zeros(2, dtype=q.dtype))

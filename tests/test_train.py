@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,7 @@ def small_config(attention: str) -> ModelConfig:
                        max_len=16, dropout=0.1, inner_size=64)
 
 
-@pytest.mark.parametrize("attention", ["linrec", "softmax", "linrec_bidir"])
+@pytest.mark.parametrize("attention", ["linrec", "linrec_decay", "softmax", "linrec_bidir"])
 def test_training_learns_the_pattern_far_beyond_popularity(tmp_path: Path, attention: str):
     data, test = split(cycle_log())
     tc = TrainConfig(epochs=8, batch_size=32, lr=3e-3, patience=8, seed=1)
@@ -57,6 +58,11 @@ def test_training_learns_the_pattern_far_beyond_popularity(tmp_path: Path, atten
     for name in ("model.pt", "vocab.json", "meta.json", "last.pt", "curves.png"):
         assert (tmp_path / name).exists(), name
     assert LinRecModel.load(tmp_path / "model.pt").version == model.version
+    if attention == "linrec_decay":
+        # The decay is learned: the half-lives moved from their initial 4 and 256 events.
+        last = json.loads((tmp_path / "meta.json").read_text())["epochs"][-1]["decay_half_lives"]
+        assert len(last) == 1 and len(last[0]) == 2
+        assert all(abs(h / h0 - 1) > 0.01 for h, h0 in zip(last[0], [4.0, 256.0])), last
 
 
 def test_same_seed_same_model_and_resume_equals_uninterrupted(tmp_path: Path):

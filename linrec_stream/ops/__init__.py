@@ -6,7 +6,7 @@ naive loop (the specification), all with the signature
 q, k, v: (B, H, T, d); mask: (B, T) bool, True at real events; o: (B, H, T, d).
 
 Modules: ``kernels`` (the causal linear-attention kernel: masked, chunked and recurrent),
-``linear`` (linrec, linrec_seqnorm, linear, linrec_bidir), ``softmax`` (SASRec),
+``linear`` (linrec, linrec_decay, linrec_seqnorm, linear, linrec_bidir), ``softmax`` (SASRec),
 ``naive`` (the reference loops), ``states`` (the state values).
 """
 
@@ -23,6 +23,8 @@ from .linear import (
     bidir_recurrent,
     linear_parallel,
     linear_recurrent,
+    linrec_decay_parallel,
+    linrec_decay_recurrent,
     linrec_parallel,
     linrec_recurrent,
     seqnorm_parallel,
@@ -39,6 +41,7 @@ class AttentionOp:
 
     state_kind: "linear" (``LinearState``), "kv" (``KVCache``) or "none" (not streamable).
     has_z, has_n: which optional fields of a ``LinearState`` the variant uses.
+    has_decay: the forms take ``log_decay`` (H,), a learned parameter of the attention layer.
     """
 
     name: str
@@ -48,6 +51,7 @@ class AttentionOp:
     state_kind: str
     has_z: bool = False
     has_n: bool = False
+    has_decay: bool = False
 
     @property
     def streamable(self) -> bool:
@@ -58,6 +62,14 @@ OPS: dict[str, AttentionOp] = {
     op.name: op
     for op in (
         AttentionOp("linrec", linrec_parallel, linrec_recurrent, naive.naive_linrec, "linear"),
+        AttentionOp(
+            "linrec_decay",
+            linrec_decay_parallel,
+            linrec_decay_recurrent,
+            naive.naive_linrec,
+            "linear",
+            has_decay=True,
+        ),
         AttentionOp(
             "linrec_seqnorm",
             seqnorm_parallel,

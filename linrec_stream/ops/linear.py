@@ -1,4 +1,5 @@
-"""The linear-attention variants: ``linrec``, ``linrec_seqnorm``, ``linear`` and ``linrec_bidir``.
+"""The linear-attention variants: ``linrec``, ``linrec_decay``, ``linrec_seqnorm``, ``linear`` and
+``linrec_bidir``.
 
 Each variant is written once (``_linrec``, ``_seqnorm``, ``_linear``) as "feature maps +
 normalisation around the causal kernel o_t = q_tᵀ S_t" and exposed in two forms with the same
@@ -26,7 +27,7 @@ from torch import Tensor
 from .kernels import DEFAULT_CHUNK_SIZE, ParallelForm, parallel_form, recurrent_form
 from .states import LinearState
 
-Kernel = Callable[[Tensor, Tensor, Tensor, Tensor | None, bool], tuple[Tensor, Tensor | None]]
+Kernel = Callable[..., tuple[Tensor, Tensor | None]]
 
 
 class StreamingUnsupported(NotImplementedError):
@@ -67,14 +68,22 @@ def _linrec(
     output_final_state: bool,
     mask: Tensor | None,
     kernel: Kernel,
+    log_decay: Tensor | None = None,
 ) -> tuple[Tensor, LinearState | None]:
-    # o_t = q̂_tᵀ S_t / √d with S_t = Σ k̂_s v_sᵀ; the 1/√d is folded into q̂.
+    # o_t = q̂_tᵀ S_t / √d with S_t = γ S_{t-1} + k̂_t v_tᵀ (γ = 1 without a decay); the 1/√d is
+    # folded into q̂.
     q_hat = unit_elu(q) / math.sqrt(q.shape[-1])
     k_hat = unit_elu(k)
     if mask is not None:
         k_hat = k_hat * _mask4(mask)
+    g = None
+    if log_decay is not None:
+        B, H, T, _ = q.shape
+        g = log_decay.to(q.dtype)[None, :, None].expand(B, H, T)  # (B, H, T)
+        if mask is not None:
+            g = g * mask[:, None, :]  # padding neither adds to nor decays the state
     S0 = None if initial_state is None else initial_state.S
-    o, S = kernel(q_hat, k_hat, v, S0, output_final_state)
+    o, S = kernel(q_hat, k_hat, v, S0, output_final_state, g=g)
     return _zero_masked(o, mask), (LinearState(S) if output_final_state else None)
 
 
@@ -105,6 +114,52 @@ def linrec_recurrent(
 ) -> tuple[Tensor, LinearState | None]:
     """Causal LinRec, event by event. O(d²) per event and head."""
     return _linrec(q, k, v, initial_state, output_final_state, mask, recurrent_form)
+
+
+# --- linrec_decay: LinRec whose state forgets, one learned rate per head ----------------------
+
+
+def _check_decay(log_decay: Tensor | None, heads: int) -> Tensor:
+    if log_decay is None or log_decay.shape != (heads,):
+        got = None if log_decay is None else tuple(log_decay.shape)
+        raise ValueError(f"linrec_decay needs log_decay of shape ({heads},) (log γ per head), got {got}")
+    return log_decay
+
+
+def linrec_decay_parallel(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: LinearState | None = None,
+    output_final_state: bool = False,
+    *,
+    mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
+    form: ParallelForm = "auto",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[Tensor, LinearState | None]:
+    """LinRec with a per-head decay γ = e^{log_decay} ∈ (0, 1]: S_t = γ S_{t-1} + k̂_t v_tᵀ.
+
+    log_decay: (H,) ≤ 0. Whole sequences. State: S (B, H, d, d), as ``linrec``.
+    """
+    kernel = partial(parallel_form, form=form, chunk_size=chunk_size)
+    log_decay = _check_decay(log_decay, q.shape[1])
+    return _linrec(q, k, v, initial_state, output_final_state, mask, kernel, log_decay)
+
+
+def linrec_decay_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: LinearState | None = None,
+    output_final_state: bool = False,
+    *,
+    mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
+) -> tuple[Tensor, LinearState | None]:
+    """``linrec_decay``, event by event. O(d²) per event and head."""
+    log_decay = _check_decay(log_decay, q.shape[1])
+    return _linrec(q, k, v, initial_state, output_final_state, mask, recurrent_form, log_decay)
 
 
 # --- linrec_seqnorm: the paper's text (K normalised over the sequence), made causal ----------

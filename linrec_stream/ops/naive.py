@@ -38,17 +38,23 @@ def naive_linrec(
     output_final_state: bool = False,
     *,
     mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
 ) -> tuple[Tensor, LinearState | None]:
-    """S_t = S_{t-1} + k̂_t v_tᵀ;  o_t = q̂_tᵀ S_t / √d;  x̂ = elu(x) / ‖elu(x)‖."""
+    """S_t = γ S_{t-1} + k̂_t v_tᵀ;  o_t = q̂_tᵀ S_t / √d;  x̂ = elu(x) / ‖elu(x)‖.
+
+    γ = 1 (``linrec``) or e^{log_decay[h]} per head (``linrec_decay``, log_decay (H,)).
+    """
     B, H, T, d = q.shape
     real = _real(mask, q)
     S = q.new_zeros(B, H, d, v.shape[-1]) if initial_state is None else initial_state.S
+    gamma = q.new_ones(H) if log_decay is None else torch.exp(log_decay.to(q.dtype))
     o = q.new_zeros(B, H, T, v.shape[-1])
     for t in range(T):
         on = real[:, t, None, None, None]  # (B, 1, 1, 1)
         k_hat = _rho(F.elu(k[:, :, t]))
         q_hat = _rho(F.elu(q[:, :, t]))
-        S = torch.where(on, S + torch.einsum("bhi,bhj->bhij", k_hat, v[:, :, t]), S)
+        S_new = gamma[None, :, None, None] * S + torch.einsum("bhi,bhj->bhij", k_hat, v[:, :, t])
+        S = torch.where(on, S_new, S)
         o_t = torch.einsum("bhi,bhij->bhj", q_hat, S) / math.sqrt(d)
         o[:, :, t] = torch.where(on[..., 0], o_t, 0.0)
     return o, (LinearState(S) if output_final_state else None)
