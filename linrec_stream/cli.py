@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="full ranking (default) or the target vs 100 popularity-sampled negatives")
     ev.add_argument("--split", choices=["test", "valid"], default="test")
     ev.add_argument("--seed", type=int, default=0, help="seed of the pop100 negatives")
+    ev.add_argument("--history", choices=["window", "full"], default="window",
+                    help="encode the last max-len events (the protocol, as in training) or every "
+                         "event (what a stream worker's state holds)")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"])
     ev.add_argument("--skip-malformed", action="store_true")
     ev.add_argument("--json", action="store_true", help="print one JSON object")
@@ -389,15 +392,16 @@ def _evaluate(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(f"--data {args.data}: no user's target item is known to the model in {args.model}")
     train_seqs = [s[s != 0] for s in remap(prepared.split, vocab, "valid")[0].inputs]
     pop = popularity_counts(train_seqs, model.config.num_items)
-    metrics = evaluate(model, data, protocol=args.protocol, popularity=pop, seed=args.seed)
+    metrics = evaluate(model, data, protocol=args.protocol, popularity=pop, seed=args.seed, history=args.history)
     result = {"model": str(args.model), "model_version": model.version, "attention": model.config.attention,
-              "data": str(prepared.source), "split": args.split, "protocol": args.protocol,
+              "data": str(prepared.source), "split": args.split, "protocol": args.protocol, "history": args.history,
               "users": len(data), "skipped_users": skipped, **metrics}
     if args.json:
         print(json.dumps(result))
     else:
         label = "full ranking" if args.protocol == "full" else "pop100: target vs 100 popularity-sampled negatives"
-        print(f"{args.split} users: {len(data):,} ({label})")
+        scope = "last max-len events" if args.history == "window" else "whole history, as streamed"
+        print(f"{args.split} users: {len(data):,} ({label}; {scope})")
         print(format_metrics(metrics))
     return 0
 

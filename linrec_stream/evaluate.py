@@ -3,6 +3,10 @@
 A user's history before the target is encoded (its last ``max_len`` events, as in training),
 the hidden state at the newest event scores every item, the user's earlier items are excluded,
 and the target's rank gives HR/NDCG/MRR (see :mod:`linrec_stream.metrics`).
+
+``history="full"`` encodes the whole history instead: what a stream worker's state holds, since
+it has applied every event of the user (positions clamped at ``max_len - 1``). The difference
+between the two is the train/serve gap of a model trained on windows.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from linrec_stream.metrics import (
 from linrec_stream.model import LinRecModel
 
 PROTOCOLS = ("full", "pop100")
+HISTORIES = ("window", "full")
 
 
 @dataclass(frozen=True)
@@ -56,14 +61,19 @@ def evaluate(
     batch_size: int = 256,
     popularity: Tensor | None = None,
     seed: int = 0,
+    history: str = "window",
 ) -> dict[str, float]:
     """Mean HR@10/20, NDCG@10/20, MRR@10 of ``model`` on ``data``.
 
     ``popularity`` (I+1,) item counts in the training data is needed for ``pop100``; its
     negatives are drawn with ``seed`` so that two models are compared on the same draws.
+    ``history``: "window" (the last max_len events, the protocol) or "full" (every event, as
+    the streaming state sees them; batches then hold about batch_size × max_len events).
     """
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+    if history not in HISTORIES:
+        raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
     if protocol == "pop100" and popularity is None:
         raise ValueError("the pop100 protocol needs item popularity counts")
     was_training = model.training
@@ -72,16 +82,33 @@ def evaluate(
     gen = torch.Generator().manual_seed(seed)
     metrics = RankingMetrics()
     max_len = model.config.max_len
-    for start in range(0, len(data), batch_size):
-        inputs = data.inputs[start:start + batch_size]
-        targets = torch.from_numpy(np.asarray(data.targets[start:start + batch_size], dtype=np.int64))
-        window = left_pad(inputs, max_len).to(device)  # (B, N)
+    for start, stop in _batches(data.inputs, batch_size, None if history == "window" else batch_size * max_len):
+        inputs = data.inputs[start:stop]
+        targets = torch.from_numpy(np.asarray(data.targets[start:stop], dtype=np.int64))
+        window = left_pad(inputs, max_len if history == "window" else None).to(device)  # (B, N)
         h = model(window)[:, -1]  # (B, D): left padding puts the newest event last
         scores = model.score(h).float().cpu()  # (B, I+1)
         # The whole history, not only the window, is excluded from the candidates.
         metrics.add(_ranks(scores, left_pad(inputs), targets, protocol, popularity, gen))
     model.train(was_training)
     return metrics.result()
+
+
+def _batches(inputs: list[np.ndarray], batch_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """[start, stop) ranges in order: batch_size users each, or (max_tokens set) as many users as
+    keep users × longest history within max_tokens (at least one user)."""
+    if max_tokens is None:
+        return [(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
+    out, start, longest = [], 0, 0
+    for i, seq in enumerate(inputs):
+        longest_with = max(longest, len(seq))
+        if i > start and (i - start + 1) * longest_with > max_tokens:
+            out.append((start, i))
+            start, longest_with = i, len(seq)
+        longest = longest_with
+    if start < len(inputs):
+        out.append((start, len(inputs)))
+    return out
 
 
 def popularity_counts(train_seqs: list[np.ndarray], num_items: int) -> Tensor:
