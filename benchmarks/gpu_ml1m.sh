@@ -4,7 +4,8 @@
 #   2. the paper's configuration on ML-1M (hidden 128, 2 layers, 8 heads, max length 200,
 #      dropout 0.2, Adam 1e-3, batch 128, patience 10), all runs side by side on the one GPU,
 #      each with a wall-clock budget (--max-minutes), then the test split on full ranking (written
-#      by train) and on pop100 (evaluate);
+#      by train), on pop100, and on each user's whole history (`evaluate --history full`, what a
+#      stream worker serves);
 #   3. everything small packed into OUT/ml1m_runs.tar.gz (meta.json, curves.png, logs; no weights).
 #
 # Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
@@ -78,10 +79,18 @@ for r in "${runs[@]}"; do
 done
 wait
 stamp "pop100 done"
+for r in "${runs[@]}"; do  # the whole history, as a stream worker's state holds it
+    name=$(name_of "$r")
+    $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" --history full --json \
+        --device "$device" >"$out/runs/$name.full_history.json" 2>&1 &
+done
+wait
+stamp "full-history evaluation done"
 for r in "${runs[@]}"; do
     name=$(name_of "$r")
     echo "== $name"; grep -E "test \(full|time budget|early stop|Error|error" "$out/runs/$name.log" | tail -3
     tail -c 300 "$out/runs/$name.pop100.json"; echo
+    tail -c 300 "$out/runs/$name.full_history.json"; echo
 done
 tar -czf "$out/ml1m_runs.tar.gz" --exclude=last.pt --exclude=model.pt -C "$out" runs
 rm -rf "$out/runs"
