@@ -287,3 +287,16 @@ def test_empty_state_dir_restores_from_the_changelog(stream: Stream, tmp_path: P
     wait(start_worker(stream, tmp_path / "second", log_path=tmp_path / "second.log"))
     assert "restored" in (tmp_path / "second.log").read_text()
     check_outcome(stream, stored_records(tmp_path / "second"))
+
+
+def test_decaying_states_stream_exactly_like_the_parallel_form(stream: Stream, tmp_path: Path):
+    # The same worker serving linrec_decay: each stored state, after thousands of decays applied
+    # one micro-batch at a time, must equal the chunked parallel encoding of the whole sequence.
+    from dataclasses import replace
+
+    torch.manual_seed(1)
+    stream.model = LinRecModel(replace(stream.model.config, attention="linrec_decay")).eval()
+    stream.model.save(stream.model_dir / "model.pt")
+    produce(stream, events=6_000, users=120, seed=6)
+    wait(start_worker(stream, tmp_path / "state"))
+    check_outcome(stream, stored_records(tmp_path / "state"))
