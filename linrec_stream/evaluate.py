@@ -95,14 +95,14 @@ def evaluate(
 
 
 def _batches(inputs: list[np.ndarray], batch_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
-    """[start, stop) ranges in order: batch_size users each, or (max_tokens set) as many users as
-    keep users × longest history within max_tokens (at least one user)."""
+    """[start, stop) ranges in order: batch_size users each, or (max_tokens set) at most batch_size
+    users and no more than keep users × longest history within max_tokens (at least one user)."""
     if max_tokens is None:
         return [(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
     out, start, longest = [], 0, 0
     for i, seq in enumerate(inputs):
         longest_with = max(longest, len(seq))
-        if i > start and (i - start + 1) * longest_with > max_tokens:
+        if i > start and ((i - start + 1) * longest_with > max_tokens or i - start == batch_size):
             out.append((start, i))
             start, longest_with = i, len(seq)
         longest = longest_with

@@ -153,7 +153,12 @@ def train(
     model = LinRecModel(model_config).to(device)
     if init_weights is not None and not resume:
         model.load_state_dict(init_weights)  # before the optimizer exists: it starts from these
-    opt = torch.optim.Adam(model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay)
+    # Weight decay would pull linrec_decay's log rates towards 0, i.e. γ towards 1/e: not a prior
+    # anyone wants, so those (like nothing else) are left out of it.
+    rates = [p for n, p in model.named_parameters() if n.endswith("log_decay_rate")]
+    others = [p for n, p in model.named_parameters() if not n.endswith("log_decay_rate")]
+    groups = [{"params": others}] + ([{"params": rates, "weight_decay": 0.0}] if rates else [])
+    opt = torch.optim.Adam(groups, lr=train_config.lr, weight_decay=train_config.weight_decay)
     hist = History()
     start_epoch = 0
     if resume:

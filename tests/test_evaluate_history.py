@@ -36,6 +36,8 @@ def test_token_batches_cover_every_user_in_order_within_the_budget():
         assert (stop - start) * longest <= 12 or stop - start == 1
     assert (3, 4) in got  # the 40-event user alone
     assert _batches(inputs, batch_size=3, max_tokens=None) == [(0, 3), (3, 6), (6, 7)]
+    # Short histories: the user count is capped by batch_size as well.
+    assert _batches([np.ones(1, np.int64)] * 7, batch_size=3, max_tokens=100) == [(0, 3), (3, 6), (6, 7)]
 
 
 @pytest.mark.parametrize("attention", ["linrec", "linrec_decay", "softmax"])
@@ -58,8 +60,9 @@ def test_full_history_equals_stepping_every_event_like_the_worker(attention):
     assert got == pytest.approx(expect.result(), abs=1e-12)
 
 
-def test_full_equals_window_when_no_history_exceeds_max_len():
-    model = make("linrec", max_len=20)
+@pytest.mark.parametrize("attention", ["linrec", "linrec_decay", "softmax"])
+def test_full_equals_window_when_no_history_exceeds_max_len(attention):
+    model = make(attention, max_len=20)
     data = eval_set([1, 5, 20, 11])
     assert evaluate(model, data, history="full") == evaluate(model, data, history="window")
 

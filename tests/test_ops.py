@@ -342,3 +342,19 @@ def test_decay_forms_demand_one_rate_per_head():
             f(q, k, v)
         with pytest.raises(ValueError, match=r"log_decay of shape \(3,\)"):
             f(q, k, v, log_decay=torch.zeros(2, dtype=q.dtype))
+
+
+@pytest.mark.parametrize("name", LINEAR)
+def test_no_event_returns_the_initial_state(name):
+    q, k, v = make_qkv(2, 2, 0, 4)
+    s0 = prefix_state(name, 2, 2, 4)
+    for f in fast_forms(name).values():
+        o, s = f(q, k, v, s0, True)
+        assert o.shape == (2, 2, 0, 4)
+        assert_states_close(s, s0)
+
+
+def test_naive_decay_spec_demands_its_decay():
+    q, k, v = make_qkv(1, 2, 3, 2)
+    with pytest.raises(ValueError, match="log_decay"):
+        OPS["linrec_decay"].naive(q, k, v)

@@ -290,8 +290,9 @@ def test_empty_state_dir_restores_from_the_changelog(stream: Stream, tmp_path: P
 
 
 def test_decaying_states_stream_exactly_like_the_parallel_form(stream: Stream, tmp_path: Path):
-    # The same worker serving linrec_decay: each stored state, after thousands of decays applied
-    # one micro-batch at a time, must equal the chunked parallel encoding of the whole sequence.
+    # The same worker serving linrec_decay: each stored state, decayed event by event across
+    # micro-batches (users sitting out a step must not decay), must equal the parallel encoding
+    # of the user's whole sequence.
     from dataclasses import replace
 
     torch.manual_seed(1)

@@ -66,7 +66,7 @@ OPS: dict[str, AttentionOp] = {
             "linrec_decay",
             linrec_decay_parallel,
             linrec_decay_recurrent,
-            naive.naive_linrec,
+            naive.naive_linrec_decay,
             "linear",
             has_decay=True,
         ),

@@ -77,8 +77,10 @@ def masked_form(
             final = k.transpose(-1, -2) @ v  # (B, H, d_k, d_v)
         else:
             final = (k * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ v
-        if initial_state is not None:
-            final = final + (initial_state if g is None else G[..., -1, None, None].exp() * initial_state)
+        if initial_state is not None and g is not None and G.shape[-1]:
+            final = final + G[..., -1, None, None].exp() * initial_state
+        elif initial_state is not None:
+            final = final + initial_state  # no decay, or no event to decay it
     return o, final
 
 

@@ -60,6 +60,22 @@ def naive_linrec(
     return o, (LinearState(S) if output_final_state else None)
 
 
+def naive_linrec_decay(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    initial_state: LinearState | None = None,
+    output_final_state: bool = False,
+    *,
+    mask: Tensor | None = None,
+    log_decay: Tensor | None = None,
+) -> tuple[Tensor, LinearState | None]:
+    """``naive_linrec`` with its decay required: S_t = γ_h S_{t-1} + k̂_t v_tᵀ, log_decay (H,)."""
+    if log_decay is None or log_decay.shape != (q.shape[1],):
+        raise ValueError(f"naive_linrec_decay needs log_decay of shape ({q.shape[1]},)")
+    return naive_linrec(q, k, v, initial_state, output_final_state, mask=mask, log_decay=log_decay)
+
+
 def naive_seqnorm(
     q: Tensor,
     k: Tensor,
