@@ -40,6 +40,14 @@ MASKED_MAX_LEN = 160
 DEFAULT_CHUNK_SIZE = 64
 
 
+def check_log_decay(log_decay: Tensor | None, heads: int) -> Tensor:
+    """The ``log_decay`` argument of ``linrec_decay``'s forms: log γ per head, shape (heads,)."""
+    if log_decay is None or log_decay.shape != (heads,):
+        got = None if log_decay is None else tuple(log_decay.shape)
+        raise ValueError(f"linrec_decay needs log_decay of shape ({heads},) (log γ per head), got {got}")
+    return log_decay
+
+
 def _decay_matrix(G: Tensor) -> Tensor:
     """G (..., T) cumulative log decay -> (..., T, T) with e^{G_t - G_s} for s ≤ t, else 0."""
     T = G.shape[-1]
@@ -77,10 +85,9 @@ def masked_form(
             final = k.transpose(-1, -2) @ v  # (B, H, d_k, d_v)
         else:
             final = (k * (G[..., -1:] - G).exp()[..., None]).transpose(-1, -2) @ v
-        if initial_state is not None and g is not None and G.shape[-1]:
-            final = final + G[..., -1, None, None].exp() * initial_state
-        elif initial_state is not None:
-            final = final + initial_state  # no decay, or no event to decay it
+        if initial_state is not None:
+            # g.sum is G_T, and 0 (no decay) when there is no event.
+            final = final + (initial_state if g is None else g.sum(-1).exp()[..., None, None] * initial_state)
     return o, final
 
 

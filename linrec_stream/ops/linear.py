@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .kernels import DEFAULT_CHUNK_SIZE, ParallelForm, parallel_form, recurrent_form
+from .kernels import DEFAULT_CHUNK_SIZE, ParallelForm, check_log_decay, parallel_form, recurrent_form
 from .states import LinearState
 
 Kernel = Callable[..., tuple[Tensor, Tensor | None]]
@@ -119,13 +119,6 @@ def linrec_recurrent(
 # --- linrec_decay: LinRec whose state forgets, one learned rate per head ----------------------
 
 
-def _check_decay(log_decay: Tensor | None, heads: int) -> Tensor:
-    if log_decay is None or log_decay.shape != (heads,):
-        got = None if log_decay is None else tuple(log_decay.shape)
-        raise ValueError(f"linrec_decay needs log_decay of shape ({heads},) (log γ per head), got {got}")
-    return log_decay
-
-
 def linrec_decay_parallel(
     q: Tensor,
     k: Tensor,
@@ -143,7 +136,7 @@ def linrec_decay_parallel(
     log_decay: (H,) ≤ 0. Whole sequences. State: S (B, H, d, d), as ``linrec``.
     """
     kernel = partial(parallel_form, form=form, chunk_size=chunk_size)
-    log_decay = _check_decay(log_decay, q.shape[1])
+    log_decay = check_log_decay(log_decay, q.shape[1])
     return _linrec(q, k, v, initial_state, output_final_state, mask, kernel, log_decay)
 
 
@@ -158,7 +151,7 @@ def linrec_decay_recurrent(
     log_decay: Tensor | None = None,
 ) -> tuple[Tensor, LinearState | None]:
     """``linrec_decay``, event by event. O(d²) per event and head."""
-    log_decay = _check_decay(log_decay, q.shape[1])
+    log_decay = check_log_decay(log_decay, q.shape[1])
     return _linrec(q, k, v, initial_state, output_final_state, mask, recurrent_form, log_decay)
 
 

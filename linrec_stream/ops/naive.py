@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .kernels import check_log_decay  # an argument check, not maths
 from .states import KVCache, LinearState
 
 
@@ -71,8 +72,7 @@ def naive_linrec_decay(
     log_decay: Tensor | None = None,
 ) -> tuple[Tensor, LinearState | None]:
     """``naive_linrec`` with its decay required: S_t = γ_h S_{t-1} + k̂_t v_tᵀ, log_decay (H,)."""
-    if log_decay is None or log_decay.shape != (q.shape[1],):
-        raise ValueError(f"naive_linrec_decay needs log_decay of shape ({q.shape[1]},)")
+    log_decay = check_log_decay(log_decay, q.shape[1])
     return naive_linrec(q, k, v, initial_state, output_final_state, mask=mask, log_decay=log_decay)
 
 
