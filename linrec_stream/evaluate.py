@@ -82,10 +82,11 @@ def evaluate(
     gen = torch.Generator().manual_seed(seed)
     metrics = RankingMetrics()
     max_len = model.config.max_len
-    for start, stop in _batches(data.inputs, batch_size, None if history == "window" else batch_size * max_len):
+    keep = max_len if history == "window" else None  # events encoded per user (None: all)
+    for start, stop in _batches(data.inputs, batch_size, None if keep else batch_size * max_len):
         inputs = data.inputs[start:stop]
         targets = torch.from_numpy(np.asarray(data.targets[start:stop], dtype=np.int64))
-        window = left_pad(inputs, max_len if history == "window" else None).to(device)  # (B, N)
+        window = left_pad(inputs, keep).to(device)  # (B, N)
         h = model(window)[:, -1]  # (B, D): left padding puts the newest event last
         scores = model.score(h).float().cpu()  # (B, I+1)
         # The whole history, not only the window, is excluded from the candidates.
@@ -101,11 +102,10 @@ def _batches(inputs: list[np.ndarray], batch_size: int, max_tokens: int | None) 
         return [(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
     out, start, longest = [], 0, 0
     for i, seq in enumerate(inputs):
-        longest_with = max(longest, len(seq))
-        if i > start and ((i - start + 1) * longest_with > max_tokens or i - start == batch_size):
+        longest = max(longest, len(seq))
+        if i > start and ((i - start + 1) * longest > max_tokens or i - start == batch_size):
             out.append((start, i))
-            start, longest_with = i, len(seq)
-        longest = longest_with
+            start, longest = i, len(seq)
     if start < len(inputs):
         out.append((start, len(inputs)))
     return out
