@@ -72,20 +72,19 @@ for r in "${runs[@]}"; do
 done
 wait
 stamp "training done"
-for r in "${runs[@]}"; do
-    name=$(name_of "$r")
-    $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" --protocol pop100 --json \
-        --device "$device" >"$out/runs/$name.pop100.json" 2>&1 &
-done
-wait
-stamp "pop100 done"
-for r in "${runs[@]}"; do  # the whole history, as a stream worker's state holds it
-    name=$(name_of "$r")
-    $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" --history full --json \
-        --device "$device" >"$out/runs/$name.full_history.json" 2>&1 &
-done
-wait
-stamp "full-history evaluation done"
+evaluate_runs() {  # SUFFIX EVALUATE-FLAGS...: every run, side by side, into runs/NAME.SUFFIX.json
+    local suffix=$1 r name
+    shift
+    for r in "${runs[@]}"; do
+        name=$(name_of "$r")
+        $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" "$@" --json \
+            --device "$device" >"$out/runs/$name.$suffix.json" 2>&1 &
+    done
+    wait
+    stamp "$suffix evaluation done"
+}
+evaluate_runs pop100 --protocol pop100
+evaluate_runs full_history --history full  # the whole history, as a stream worker's state holds it
 for r in "${runs[@]}"; do
     name=$(name_of "$r")
     echo "== $name"; grep -E "test \(full|time budget|early stop|Error|error" "$out/runs/$name.log" | tail -3
