@@ -33,13 +33,10 @@ def left_pad_mask(pads: list[int], T: int) -> torch.Tensor:
     return torch.arange(T)[None, :] >= torch.tensor(pads)[:, None]
 
 
-def test_decay(H: int, dtype=torch.float64) -> torch.Tensor:
+def sample_log_decay(H: int, dtype=torch.float64) -> torch.Tensor:
     """log γ per head for ``linrec_decay`` tests: strong enough (γ 0.6 to 0.95) that a wrong
     exponent anywhere changes the outputs well beyond the tolerances."""
     return torch.log(torch.linspace(0.6, 0.95, H, dtype=dtype))
-
-
-test_decay.__test__ = False  # a helper, not a test
 
 
 class op_:  # noqa: N801 - reads as OPS[name] at the call sites
@@ -56,7 +53,7 @@ class op_:  # noqa: N801 - reads as OPS[name] at the call sites
             return f
 
         def with_decay(q, *args, **kw):
-            kw.setdefault("log_decay", test_decay(q.shape[1], q.dtype))
+            kw.setdefault("log_decay", sample_log_decay(q.shape[1], q.dtype))
             return f(q, *args, **kw)
 
         return with_decay
@@ -324,7 +321,7 @@ def test_decay_gradient_matches_naive(form):
     s0 = prefix_state("linrec_decay", 2, 2, 3)
 
     def grad_of_decay(f):
-        ld = test_decay(2).requires_grad_(True)
+        ld = sample_log_decay(2).requires_grad_(True)
         o, s = f(q, k, v, s0, True, mask=mask, log_decay=ld)
         (o.square().sum() + s.S.sum()).backward()
         return ld.grad
