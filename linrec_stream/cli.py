@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-minutes", type=float, metavar="M",
                     help="wall-clock budget: start no epoch after M minutes (the best checkpoint is kept)")
     tr.add_argument("--device", choices=["auto", "cpu", "cuda"])
+    tr.add_argument("--history", choices=["window", "full"], default="window",
+                    help="train (and validate) on each user's last --max-len events, the protocol, or on "
+                         "every event, as a stream worker serves them (causal attentions only)")
     tr.add_argument("--resume", action="store_true", help="continue the run in --out where it stopped")
     tr.add_argument("--skip-malformed", action="store_true", help="skip (and count) malformed lines")
     tr.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -313,7 +316,7 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError(f"--out {args.out} holds a run already: pass --resume to continue it, or choose another")
     try:
         tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
-                         seed=args.seed, max_minutes=args.max_minutes)
+                         seed=args.seed, max_minutes=args.max_minutes, history=args.history)
     except ValueError as exc:
         raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
     prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info)

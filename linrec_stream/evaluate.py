@@ -83,7 +83,7 @@ def evaluate(
     metrics = RankingMetrics()
     max_len = model.config.max_len
     keep = max_len if history == "window" else None  # events encoded per user (None: all)
-    for start, stop in _batches(data.inputs, batch_size, None if keep else batch_size * max_len):
+    for start, stop in batch_ranges(data.inputs, batch_size, None if keep else batch_size * max_len):
         inputs = data.inputs[start:stop]
         targets = torch.from_numpy(np.asarray(data.targets[start:stop], dtype=np.int64))
         window = left_pad(inputs, keep).to(device)  # (B, N)
@@ -95,19 +95,20 @@ def evaluate(
     return metrics.result()
 
 
-def _batches(inputs: list[np.ndarray], batch_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
-    """[start, stop) ranges in order: batch_size users each, or (max_tokens set) at most batch_size
-    users and no more than keep users × longest history within max_tokens (at least one user)."""
+def batch_ranges(seqs: list[np.ndarray], batch_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
+    """[start, stop) ranges over ``seqs`` in order: batch_size sequences each, or (max_tokens set) at
+    most batch_size sequences whose padded size, count × longest, stays within max_tokens (at
+    least one sequence per range)."""
     if max_tokens is None:
-        return [(i, min(i + batch_size, len(inputs))) for i in range(0, len(inputs), batch_size)]
+        return [(i, min(i + batch_size, len(seqs))) for i in range(0, len(seqs), batch_size)]
     out, start, longest = [], 0, 0
-    for i, seq in enumerate(inputs):
+    for i, seq in enumerate(seqs):
         longest = max(longest, len(seq))
         if i > start and ((i - start + 1) * longest > max_tokens or i - start == batch_size):
             out.append((start, i))
             start, longest = i, len(seq)
-    if start < len(inputs):
-        out.append((start, len(inputs)))
+    if start < len(seqs):
+        out.append((start, len(seqs)))
     return out
 
 

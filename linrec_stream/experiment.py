@@ -66,13 +66,14 @@ def run_training(
     model, hist = train(model_config, train_config, data, out, device, resume=resume, meta=meta,
                         progress=progress, log=log)
     test = eval_set(split, "test")
-    metrics = evaluate(model, test, batch_size=train_config.eval_batch_size)
+    metrics = evaluate(model, test, batch_size=train_config.eval_batch_size, history=train_config.history)
     pop = popularity_baseline(test, popularity_counts(split.train, split.data.num_items))
     meta_path = out / "meta.json"
     saved = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     saved.update({"model_version": model.version, "test_full": metrics, "popularity_test_full": pop})
     meta_path.write_text(json.dumps(saved, indent=2))
-    log("test (full ranking): " + format_metrics(metrics))
+    scope = "" if train_config.history == "window" else ", whole histories"
+    log(f"test (full ranking{scope}): " + format_metrics(metrics))
     log("popularity baseline: " + format_metrics(pop))
     return metrics
 

@@ -1,10 +1,13 @@
 """Training: cross-entropy over all items, early stopping on validation NDCG@10, resumable.
 
 Causal models learn next-item prediction at every position of each user's training sequence
-(its last ``max_len + 1`` items: inputs ``s[:-1]``, targets ``s[1:]``, SASRec-style). The
-offline bidirectional LinRec sees a whole window, so it learns from the last position only; it
-draws a fresh random cut of each user's sequence every epoch (the counterpart of RecBole's
-every-prefix augmentation).
+(inputs ``s[:-1]``, targets ``s[1:]``, SASRec-style). With ``history="window"`` (the field's
+protocol) that sequence is the user's last ``max_len + 1`` items; with ``history="full"`` it is all
+of them, positions clamped at ``max_len - 1``: exactly what a stream worker's state has applied,
+so the model is trained on what it serves, and every event is a target. The offline
+bidirectional LinRec sees a whole window, so it learns from the last position only; it draws a
+fresh random cut of each user's sequence every epoch (the counterpart of RecBole's every-prefix
+augmentation).
 
 A run directory holds:
     model.pt      best model so far (config, weights, version id; ``LinRecModel.load``)
@@ -29,8 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linrec_stream.evaluate import EvalSet, evaluate, left_pad
+from linrec_stream.evaluate import HISTORIES, EvalSet, batch_ranges, evaluate, left_pad
 from linrec_stream.model import LinRecModel, ModelConfig
+from linrec_stream.ops import OPS
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,9 @@ class TrainConfig:
     seed: int = 42
     eval_batch_size: int = 256
     max_minutes: float | None = None  # wall-clock budget: no new epoch starts after it
-
+    # "window": each user's last max_len events (the protocol); "full": every event, as served.
+    # Validation and test then encode histories the same way.
+    history: str = "window"
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "eval_batch_size"):
@@ -55,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.max_minutes is not None and not self.max_minutes > 0:
             raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
+        if self.history not in HISTORIES:
+            raise ValueError(f"history must be one of {HISTORIES}, got {self.history!r}")
 
 
 @dataclass(frozen=True)
@@ -93,9 +101,10 @@ def seed_everything(seed: int) -> None:
 
 
 # --- batches ---------------------------------------------------------------------------------
-def causal_batch(seqs: list[np.ndarray], max_len: int) -> tuple[Tensor, Tensor]:
-    """Inputs and next-item targets, both (B, N) left-padded with 0, N <= max_len."""
-    windows = [s[-(max_len + 1):] for s in seqs]
+def causal_batch(seqs: list[np.ndarray], max_len: int | None) -> tuple[Tensor, Tensor]:
+    """Inputs and next-item targets, both (B, N) left-padded with 0; N <= max_len, or (None) the
+    longest sequence less one."""
+    windows = seqs if max_len is None else [s[-(max_len + 1):] for s in seqs]
     return left_pad([w[:-1] for w in windows]), left_pad([w[1:] for w in windows])
 
 
@@ -107,11 +116,32 @@ def last_position_batch(seqs: list[np.ndarray], max_len: int, rng: np.random.Gen
     return inputs, targets
 
 
-def batch_loss(model: LinRecModel, seqs: list[np.ndarray], rng: np.random.Generator) -> Tensor:
-    """Mean cross-entropy over all items for one batch of users."""
+def epoch_batches(seqs: list[np.ndarray], tc: TrainConfig, max_len: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """One epoch's batches: indices into ``seqs``, every sequence exactly once, in random order.
+
+    Windows: batch_size users each. Whole histories: users of similar length together (sorted
+    within random blocks of 16 batches, so padding stays small), at most batch_size users and
+    batch_size × max_len padded events per batch (the cost of a full window batch).
+    """
+    order = rng.permutation(len(seqs))
+    if tc.history == "window":
+        return [order[i:i + tc.batch_size] for i in range(0, len(order), tc.batch_size)]
+    block = 16 * tc.batch_size
+    lengths = np.array([len(s) for s in seqs])
+    order = np.concatenate([b[np.argsort(lengths[b], kind="stable")]
+                            for b in np.split(order, range(block, len(order), block))])
+    ranges = batch_ranges([seqs[i] for i in order], tc.batch_size, tc.batch_size * max_len)
+    return [order[a:b] for a, b in (ranges[j] for j in rng.permutation(len(ranges)))]
+
+
+def batch_loss(
+    model: LinRecModel, seqs: list[np.ndarray], rng: np.random.Generator, history: str = "window",
+) -> Tensor:
+    """Mean cross-entropy over all items for one batch of users (every target position counts
+    once, so a long history weighs in proportion to its events)."""
     device = model.device
     if model.op.streamable:
-        inputs, targets = causal_batch(seqs, model.config.max_len)
+        inputs, targets = causal_batch(seqs, model.config.max_len if history == "window" else None)
         inputs, targets = inputs.to(device), targets.to(device)
         h = model(inputs)  # (B, N, D)
         keep = targets != 0
@@ -145,6 +175,9 @@ def train(
     """
     from tqdm import tqdm
 
+    if train_config.history == "full" and not OPS[model_config.attention].streamable:
+        raise ValueError(f"history 'full' needs a causal attention; {model_config.attention} "
+                         "sees a whole window at once")
     out.mkdir(parents=True, exist_ok=True)
     usable = [s for s in data.train_seqs if len(s) >= 2]
     if not usable:
@@ -181,12 +214,11 @@ def train(
         t0 = time.monotonic()
         model.train()
         rng = np.random.default_rng([train_config.seed, epoch])
-        order = rng.permutation(len(usable))
-        batches = [order[i:i + train_config.batch_size] for i in range(0, len(order), train_config.batch_size)]
+        batches = epoch_batches(usable, train_config, model_config.max_len, rng)
         total, n = 0.0, 0
         bar = tqdm(batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, disable=not progress)
         for idx in bar:
-            loss = batch_loss(model, [usable[i] for i in idx], rng)
+            loss = batch_loss(model, [usable[i] for i in idx], rng, train_config.history)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -195,7 +227,8 @@ def train(
             bar.set_postfix(loss=f"{total / n:.4f}")
         bar.close()
         train_s = time.monotonic() - t0
-        valid = evaluate(model, data.valid, batch_size=train_config.eval_batch_size)
+        valid = evaluate(model, data.valid, batch_size=train_config.eval_batch_size,
+                         history=train_config.history)
         row = {"epoch": epoch + 1, "loss": total / n, "train_s": train_s,
                "eval_s": time.monotonic() - t0 - train_s, **{f"valid_{k}": v for k, v in valid.items()}}
         if (half_lives := model.decay_half_lives()) is not None:
@@ -243,7 +276,8 @@ def _load_last(out: Path, model, opt, mc: ModelConfig, tc: TrainConfig) -> tuple
     if ck["model_config"] != mc.to_dict():
         raise ValueError(f"--resume: {out} was trained with another model configuration")
     free = ("epochs", "max_minutes")  # how long to go on may change; how to train may not
-    if {k: v for k, v in ck["train_config"].items() if k not in free} != \
+    saved = {**asdict(TrainConfig()), **ck["train_config"]}  # settings added since take their defaults
+    if {k: v for k, v in saved.items() if k not in free} != \
             {k: v for k, v in asdict(tc).items() if k not in free}:
         raise ValueError(f"--resume: {out} was trained with other training settings "
                          "(only --epochs and --max-minutes may change)")

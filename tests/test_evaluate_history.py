@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from linrec_stream.evaluate import EvalSet, _batches, evaluate
+from linrec_stream.evaluate import EvalSet, batch_ranges, evaluate
 from linrec_stream.metrics import RankingMetrics, exclude_history, full_ranks
 from linrec_stream.model import LinRecModel, ModelConfig
 
@@ -28,16 +28,16 @@ def eval_set(lengths: list[int], seed: int = 0) -> EvalSet:
 
 def test_token_batches_cover_every_user_in_order_within_the_budget():
     inputs = [np.ones(n, np.int64) for n in [3, 5, 2, 40, 1, 1, 7]]
-    got = _batches(inputs, batch_size=99, max_tokens=12)
+    got = batch_ranges(inputs, batch_size=99, max_tokens=12)
     assert got[0][0] == 0 and got[-1][1] == len(inputs)
     assert all(a[1] == b[0] for a, b in zip(got, got[1:]))
     for start, stop in got:
         longest = max(len(s) for s in inputs[start:stop])
         assert (stop - start) * longest <= 12 or stop - start == 1
     assert (3, 4) in got  # the 40-event user alone
-    assert _batches(inputs, batch_size=3, max_tokens=None) == [(0, 3), (3, 6), (6, 7)]
+    assert batch_ranges(inputs, batch_size=3, max_tokens=None) == [(0, 3), (3, 6), (6, 7)]
     # Short histories: the user count is capped by batch_size as well.
-    assert _batches([np.ones(1, np.int64)] * 7, batch_size=3, max_tokens=100) == [(0, 3), (3, 6), (6, 7)]
+    assert batch_ranges([np.ones(1, np.int64)] * 7, batch_size=3, max_tokens=100) == [(0, 3), (3, 6), (6, 7)]
 
 
 @pytest.mark.parametrize("attention", ["linrec", "linrec_decay", "softmax"])
