@@ -76,23 +76,40 @@ def evaluate(
         raise ValueError(f"history must be one of {HISTORIES}, got {history!r}")
     if protocol == "pop100" and popularity is None:
         raise ValueError("the pop100 protocol needs item popularity counts")
-    was_training = model.training
-    model.eval()
-    device = model.device
-    gen = torch.Generator().manual_seed(seed)
-    metrics = RankingMetrics()
     max_len = model.config.max_len
     keep = max_len if history == "window" else None  # events encoded per user (None: all)
-    for start, stop in batch_ranges(data.inputs, batch_size, None if keep else batch_size * max_len):
-        inputs = data.inputs[start:stop]
-        targets = torch.from_numpy(np.asarray(data.targets[start:stop], dtype=np.int64))
-        window = left_pad(inputs, keep).to(device)  # (B, N)
-        h = model(window)[:, -1]  # (B, D): left padding puts the newest event last
-        scores = model.score(h).float().cpu()  # (B, I+1)
+    was_training = model.training
+    model.eval()
+    hidden = encode_users(model, data.inputs, keep, batch_size, None if keep else batch_size * max_len)
+    gen = torch.Generator().manual_seed(seed)
+    metrics = RankingMetrics()
+    for start in range(0, len(data), batch_size):
+        inputs = data.inputs[start:start + batch_size]
+        targets = torch.from_numpy(np.asarray(data.targets[start:start + batch_size], dtype=np.int64))
+        scores = model.score(hidden[start:start + batch_size].to(model.device)).float().cpu()  # (B, I+1)
         # The whole history, not only the window, is excluded from the candidates.
         metrics.add(_ranks(scores, left_pad(inputs), targets, protocol, popularity, gen))
     model.train(was_training)
     return metrics.result()
+
+
+@torch.no_grad()
+def encode_users(
+    model: LinRecModel, inputs: list[np.ndarray], keep: int | None, batch_size: int, max_tokens: int | None,
+) -> Tensor:
+    """(U, D) on the CPU, in the model's dtype: each user's hidden state at its newest event, from its last
+    ``keep`` events (None: all). Users are batched by length, so little of a batch is padding;
+    batches as in :func:`batch_ranges`."""
+    was_training = model.training
+    model.eval()  # no dropout
+    order = np.argsort([min(len(s), keep or len(s)) for s in inputs], kind="stable")
+    out = torch.zeros(len(inputs), model.config.hidden_size, dtype=model.item_embedding.weight.dtype)
+    for start, stop in batch_ranges([inputs[i] for i in order], batch_size, max_tokens):
+        idx = order[start:stop]
+        window = left_pad([inputs[i] for i in idx], keep).to(model.device)  # (B, N)
+        out[torch.from_numpy(idx)] = model(window)[:, -1].cpu()  # left padding: newest event last
+    model.train(was_training)
+    return out
 
 
 def batch_ranges(seqs: list[np.ndarray], batch_size: int, max_tokens: int | None) -> list[tuple[int, int]]:
