@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", parents=[common], help="train a model on a log (leave-one-out, full ranking)")
     tr.add_argument("--data", required=True, metavar="ml-1m|ml-100k|PATH",
                     help="a data set name (fetched once) or a .inter / ratings.dat / CSV / TSV file")
-    tr.add_argument("--attention", default="linrec",
+    tr.add_argument("--attention", default="linrec_decay",
                     choices=["linrec", "linrec_decay", "linrec_seqnorm", "linear", "softmax", "linrec_bidir"])
     tr.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
     tr.add_argument("--hidden", type=int, default=64)

@@ -146,10 +146,10 @@ def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Lo
     from linrec_stream.model import ModelConfig
     from linrec_stream.train import TrainConfig, resolve_device
 
-    log(f"      no model yet: training a small LinRec ({epochs} epochs; `linrec-stream train` makes better ones)")
+    log(f"      no model yet: training a small LinRec with decay ({epochs} epochs; `linrec-stream train` makes better ones)")
     prepared = prepare(str(path), settings.path(settings.data_dir), log=log)
     mc = ModelConfig(num_items=prepared.split.data.num_items, hidden_size=32, num_layers=2, num_heads=2,
-                     attention="linrec", max_len=50, dropout=0.2, inner_size=64)
+                     attention="linrec_decay", max_len=50, dropout=0.2, inner_size=64)
     tc = TrainConfig(epochs=epochs, batch_size=256, lr=2e-3, patience=epochs)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run_training(prepared, mc, tc, out, resolve_device(settings.device), progress=True, log=log)
