@@ -192,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     retrain.add_argument("--base-data", metavar="ml-1m|ml-100k|PATH",
                          help="an initial log merged with the archive (history never replayed into Kafka)")
     retrain.add_argument("--max-minutes", type=float, metavar="M", help="training time budget per round")
+    retrain.add_argument("--history", choices=["window", "full"], default="window",
+                         help="train and compare on each user's last max-len events or on every event, as served")
     retrain.add_argument("--seed", type=int, default=42)
     retrain.add_argument("--device", choices=["auto", "cpu", "cuda"])
     retrain.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -348,7 +350,7 @@ def _retrain(settings: Settings, args: argparse.Namespace) -> int:
     try:
         config = RetrainConfig(epochs=args.epochs, patience=args.patience, lr=args.lr, batch_size=args.batch_size,
                                margin=args.margin, from_scratch=args.from_scratch, seed=args.seed,
-                               max_minutes=args.max_minutes, base_data=args.base_data)
+                               max_minutes=args.max_minutes, base_data=args.base_data, history=args.history)
     except ValueError as exc:
         raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
     device = _device(settings, args)

@@ -78,6 +78,8 @@ class RetrainConfig:
     from_scratch: do not copy the parent's weights (its architecture is still reused).
     base_data: an extra initial log (data set name or file) merged with the archive, for history
         that was never replayed into Kafka; events also in the archive are counted once.
+    history: "window" (each user's last max_len events) or "full" (every event, as the workers
+        serve them) for training and for the candidate-versus-current comparison alike.
     """
 
     epochs: int = 20
@@ -89,16 +91,17 @@ class RetrainConfig:
     seed: int = 42
     max_minutes: float | None = None
     base_data: str | None = None
+    history: str = "window"
     scratch: ScratchModel = field(default_factory=ScratchModel)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin) and self.margin >= 0):
             raise ValueError(f"margin must be a finite number >= 0, got {self.margin}")
-        self.train_config()  # checks epochs, patience, lr, batch_size, max_minutes
+        self.train_config()  # checks epochs, patience, lr, batch_size, max_minutes, history
 
     def train_config(self) -> TrainConfig:
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, patience=self.patience,
-                           seed=self.seed, max_minutes=self.max_minutes)
+                           seed=self.seed, max_minutes=self.max_minutes, history=self.history)
 
 
 @dataclass(frozen=True)
@@ -254,11 +257,11 @@ def retrain_once(settings: Settings, config: RetrainConfig, device: torch.device
         model, _ = train(mc, tc, data, run_dir, device, meta={"data": data_info, "parent": parent_id},
                          progress=progress, log=log, init_weights=init)
         test = eval_set(split, "test")
-        cand = evaluate(model, test, batch_size=tc.eval_batch_size)
+        cand = evaluate(model, test, batch_size=tc.eval_batch_size, history=tc.history)
         log("candidate: " + format_metrics(cand))
         current = None
         if parent_model is not None:
-            current, known = _evaluate_parent(parent_model, parent_vocab, split, tc.eval_batch_size, cand)
+            current, known = _evaluate_parent(parent_model, parent_vocab, split, tc, cand)
             log(f"current:   {format_metrics(current)}  ({known:,} of {split.num_eval:,} test targets known to it)")
         decision, reason = decide(cand, current, config.margin)
         metrics = {"candidate": cand, "current": current, "margin": config.margin, "test_users": split.num_eval}
@@ -323,7 +326,7 @@ def _candidate_setup(parent: LinRecModel | None, num_items: int, config: Retrain
     return mc, init
 
 
-def _evaluate_parent(parent: LinRecModel, parent_vocab: list[str], split: LeaveOneOut, batch_size: int,
+def _evaluate_parent(parent: LinRecModel, parent_vocab: list[str], split: LeaveOneOut, tc: TrainConfig,
                      names: Iterable[str]) -> tuple[dict[str, float], int]:
     """The parent's metrics on the test users, over all of them: histories are mapped into its
     vocabulary (unknown items dropped) and a user whose target it does not know is a miss (it
@@ -332,7 +335,7 @@ def _evaluate_parent(parent: LinRecModel, parent_vocab: list[str], split: LeaveO
     total, known = split.num_eval, len(data)
     if known == 0:  # every target is new to it: all misses
         return {k: 0.0 for k in names}, 0
-    m = evaluate(parent, data, batch_size=batch_size)
+    m = evaluate(parent, data, batch_size=tc.eval_batch_size, history=tc.history)
     return {k: v * known / total for k, v in m.items()}, known
 
 

@@ -24,6 +24,7 @@ from linrec_stream import retrain as retrain_mod
 from linrec_stream.archive import read_archive
 from linrec_stream.cli import main
 from linrec_stream.data import PAD, Interactions, build_sequences
+from linrec_stream.evaluate import EvalSet, evaluate
 from linrec_stream.experiment import load_run
 from linrec_stream.kafka.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
@@ -262,6 +263,25 @@ def test_worse_candidate_is_not_published(world: World, tmp_path: Path):
     assert card.metrics["current"]["ndcg@10"] == pytest.approx(world.first.candidate["ndcg@10"], abs=1e-9)
     assert announcements(settings) == before  # nothing announced
     assert log[-1].startswith(f"retrain: rejected {r.version[:12]}") and "not published" in log[-1]
+
+
+def test_whole_history_round_trains_and_compares_on_whole_histories(world: World, tmp_path: Path):
+    settings = world.copy_registry(tmp_path / "registry")
+    cfg = RetrainConfig(epochs=1, lr=3e-3, batch_size=32, seed=3, history="full")
+    r = retrain_once(settings, cfg, CPU, log=lambda m: None)
+    reg = ModelRegistry(settings.registry_dir)
+    assert json.loads((reg.path(r.version) / "meta.json").read_text())["train_config"]["history"] == "full"
+    # The version in force is scored on each user's whole test history (19 events, its max_len is
+    # 16), as the workers serve it, not on the window its own round was judged on.
+    parent, vocab = load_run(reg.path(world.first.version))
+    index = {s: k for k, s in enumerate(vocab)}
+    by_user: dict[str, list[int]] = {}
+    for user, item, _ts in world.events:  # each user's events are in time order
+        by_user.setdefault(user, []).append(index[item])
+    test = EvalSet([np.array(s[:-1]) for s in by_user.values()], np.array([s[-1] for s in by_user.values()]))
+    full, window = evaluate(parent, test, history="full"), evaluate(parent, test, history="window")
+    assert any(abs(full[k] - window[k]) > 1e-6 for k in full), "the two encodings must differ for this test"
+    assert r.current == pytest.approx(full, abs=1e-6)
 
 
 # --- schedule and command line -------------------------------------------------------------------
