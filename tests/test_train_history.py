@@ -89,3 +89,27 @@ def test_resume_accepts_a_run_saved_before_the_history_setting_existed(tmp_path:
     with pytest.raises(ValueError, match="other training settings"):
         train(cfg, TrainConfig(epochs=3, batch_size=8, history="full"), data, tmp_path, torch.device("cpu"),
               resume=True, **QUIET)
+
+
+def test_train_history_full_from_the_command_line(tmp_path: Path):
+    from tests.conftest import run_cli
+
+    log = tmp_path / "log.csv"
+    rows = ["user,item,timestamp"]
+    for u, seq in enumerate(cycle_log(users=40, length=30, seed=3)):
+        rows += [f"u{u},i{item},{1000 + t}" for t, item in enumerate(seq)]
+    log.write_text("\n".join(rows) + "\n")
+    small = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--max-len", "8", "--inner", "32", "--no-progress"]
+    out = tmp_path / "run"
+    res = run_cli("train", "--data", str(log), "--out", str(out), "--history", "full", *small)
+    assert res.returncode == 0, res.stderr
+    assert "test (full ranking, whole histories)" in res.stderr
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["train_config"]["history"] == "full" and meta["model_config"]["attention"] == "linrec_decay"
+    # The test figure train reports is the one `evaluate --history full` gives.
+    ev = run_cli("evaluate", "--model", str(out), "--data", str(log), "--history", "full", "--json")
+    assert json.loads(ev.stdout)["ndcg@10"] == pytest.approx(meta["test_full"]["ndcg@10"])
+    bad = run_cli("train", "--data", str(log), "--out", str(tmp_path / "bidir"), "--history", "full",
+                  "--attention", "linrec_bidir", *small)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("linrec-stream: error: ")
+    assert "causal attention" in bad.stderr and "Traceback" not in bad.stderr
