@@ -141,15 +141,30 @@ def change_mid_stream(live: Live, state: Path, log: Path, command: list[str], se
     proc = subprocess.Popen(start_worker_args(state, idle_exit=6.0, batch_size=64, model_dir=None),
                             env={**os.environ, **live.env}, cwd=Path(__file__).resolve().parents[1],
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+    announced = threading.Event()
+
+    def steady() -> None:
+        # Events flow until one more chunk after the announcement, however long the command takes
+        # to start on a loaded machine: the worker must still be consuming (not idled out) when the
+        # announcement lands, and go on receiving events under the new model.
+        chunk, done = 0, False
+        while not done:
+            done = announced.is_set()
+            produce(live, 400, 300, seed * 1000 + chunk, 800.0)
+            chunk += 1
+
     try:
         wait_for(log, r"partitions assigned")
-        steady = threading.Thread(target=produce, args=(live, 4_000, 300, seed, 800.0))
-        steady.start()
+        stream = threading.Thread(target=steady)
+        stream.start()
         time.sleep(2.5)  # mid-stream
-        res = run_cli(*command, env=live.env)
+        try:
+            res = run_cli(*command, env=live.env)
+        finally:
+            announced.set()
         assert res.returncode == 0, res.stderr
         assert "announced" in res.stdout
-        steady.join()
+        stream.join()
     finally:
         wait(proc)
 
