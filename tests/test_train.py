@@ -31,6 +31,15 @@ def cycle_log(users: int = 300, length: int = 24, noise: float = 0.1, seed: int 
     return seqs
 
 
+def write_cycle_csv(path: Path, users: int, length: int, seed: int) -> Path:
+    """``cycle_log`` as a user,item,timestamp CSV, the way a user brings their own log."""
+    rows = ["user,item,timestamp"]
+    for u, seq in enumerate(cycle_log(users=users, length=length, seed=seed)):
+        rows += [f"u{u},i{item},{1000 + t}" for t, item in enumerate(seq)]
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
 def split(seqs: list[np.ndarray]) -> tuple[TrainData, EvalSet]:
     vocab = ["<pad>"] + [f"item{i}" for i in range(1, NUM_ITEMS + 1)]
     valid = EvalSet([s[:-2] for s in seqs], np.array([s[-2] for s in seqs]))
@@ -114,11 +123,7 @@ def test_train_and_evaluate_from_the_command_line(tmp_path: Path):
 
     from tests.conftest import run_cli
 
-    log = tmp_path / "log.csv"
-    rows = ["user,item,timestamp"]
-    for u, seq in enumerate(cycle_log(users=80, length=12, seed=3)):
-        rows += [f"u{u},i{item},{1000 + t}" for t, item in enumerate(seq)]
-    log.write_text("\n".join(rows) + "\n")
+    log = write_cycle_csv(tmp_path / "log.csv", users=80, length=12, seed=3)
     out = tmp_path / "run"
     res = run_cli("train", "--data", str(log), "--out", str(out), "--epochs", "2", "--hidden", "16",
                   "--layers", "1", "--max-len", "8", "--inner", "32", "--batch-size", "32", "--no-progress")

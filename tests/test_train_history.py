@@ -12,7 +12,7 @@ import torch
 
 from linrec_stream.evaluate import evaluate
 from linrec_stream.train import TrainConfig, causal_batch, epoch_batches, train
-from tests.test_train import cycle_log, small_config, split
+from tests.test_train import cycle_log, small_config, split, write_cycle_csv
 
 QUIET = dict(progress=False, log=lambda m: None)
 
@@ -94,11 +94,7 @@ def test_resume_accepts_a_run_saved_before_the_history_setting_existed(tmp_path:
 def test_train_history_full_from_the_command_line(tmp_path: Path):
     from tests.conftest import run_cli
 
-    log = tmp_path / "log.csv"
-    rows = ["user,item,timestamp"]
-    for u, seq in enumerate(cycle_log(users=40, length=30, seed=3)):
-        rows += [f"u{u},i{item},{1000 + t}" for t, item in enumerate(seq)]
-    log.write_text("\n".join(rows) + "\n")
+    log = write_cycle_csv(tmp_path / "log.csv", users=40, length=30, seed=3)
     small = ["--epochs", "1", "--hidden", "16", "--layers", "1", "--max-len", "8", "--inner", "32", "--no-progress"]
     out = tmp_path / "run"
     res = run_cli("train", "--data", str(log), "--out", str(out), "--history", "full", *small)
