@@ -78,8 +78,6 @@ def evaluate(
         raise ValueError("the pop100 protocol needs item popularity counts")
     max_len = model.config.max_len
     keep = max_len if history == "window" else None  # events encoded per user (None: all)
-    was_training = model.training
-    model.eval()
     hidden = encode_users(model, data.inputs, keep, batch_size, None if keep else batch_size * max_len)
     gen = torch.Generator().manual_seed(seed)
     metrics = RankingMetrics()
@@ -89,7 +87,6 @@ def evaluate(
         scores = model.score(hidden[start:start + batch_size].to(model.device)).float().cpu()  # (B, I+1)
         # The whole history, not only the window, is excluded from the candidates.
         metrics.add(_ranks(scores, left_pad(inputs), targets, protocol, popularity, gen))
-    model.train(was_training)
     return metrics.result()
 
 
