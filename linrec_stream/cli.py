@@ -79,15 +79,20 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", parents=[common], help="train a model on a log (leave-one-out, full ranking)")
     tr.add_argument("--data", required=True, metavar="ml-1m|ml-100k|PATH",
                     help="a data set name (fetched once) or a .inter / ratings.dat / CSV / TSV file")
-    tr.add_argument("--attention", default="linrec_decay",
+    # The architecture flags default to None so that --init-from can tell a flag given from a
+    # default: TRAIN_ARCH holds the defaults.
+    tr.add_argument("--attention", help="default linrec_decay",
                     choices=["linrec", "linrec_decay", "linrec_seqnorm", "linear", "softmax", "linrec_bidir"])
     tr.add_argument("--out", required=True, type=Path, metavar="DIR", help="run directory")
-    tr.add_argument("--hidden", type=int, default=64)
-    tr.add_argument("--layers", type=int, default=2)
-    tr.add_argument("--heads", type=int, default=2)
-    tr.add_argument("--inner", type=int, default=256, help="feed-forward width")
-    tr.add_argument("--max-len", type=int, default=200)
-    tr.add_argument("--dropout", type=float, default=0.2)
+    tr.add_argument("--hidden", type=int, help="default 64")
+    tr.add_argument("--layers", type=int, help="default 2")
+    tr.add_argument("--heads", type=int, help="default 2")
+    tr.add_argument("--inner", type=int, help="feed-forward width, default 256")
+    tr.add_argument("--max-len", type=int, help="default 200")
+    tr.add_argument("--dropout", type=float, help="default 0.2 (with --init-from: that model's)")
+    tr.add_argument("--init-from", type=Path, metavar="DIR",
+                    help="start from the best model of this run directory (its architecture and weights; "
+                         "items it does not know get fresh rows), e.g. to fine-tune with --history full")
     tr.add_argument("--epochs", type=int, default=200)
     tr.add_argument("--batch-size", type=int, default=128)
     tr.add_argument("--lr", type=float, default=1e-3)
@@ -321,17 +326,56 @@ def _train(settings: Settings, args: argparse.Namespace) -> int:
                          seed=args.seed, max_minutes=args.max_minutes, history=args.history)
     except ValueError as exc:
         raise UsageError(f"--{str(exc).split()[0].replace('_', '-')}: {exc}") from None
-    prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info)
-    try:
-        mc = ModelConfig(num_items=prepared.split.data.num_items, hidden_size=args.hidden, num_layers=args.layers,
-                         num_heads=args.heads, attention=args.attention, max_len=args.max_len,
-                         dropout=args.dropout, inner_size=args.inner)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    _info(f"training {args.attention} on {device} into {args.out}")
-    run_training(prepared, mc, tc, args.out, device, resume=args.resume, progress=not args.no_progress, log=_info)
+    given = {flag: getattr(args, flag.replace("-", "_")) for flag in TRAIN_ARCH}
+    init = None
+    if args.init_from is None:
+        prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info)
+        arch = {TRAIN_ARCH[f][0]: TRAIN_ARCH[f][1] if v is None else v for f, v in given.items()}
+        try:
+            mc = ModelConfig(num_items=prepared.split.data.num_items, **arch)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    else:
+        mc, init, prepared = _init_from(settings, args, given)
+    _info(f"training {mc.attention} on {device} into {args.out}")
+    run_training(prepared, mc, tc, args.out, device, resume=args.resume, progress=not args.no_progress, log=_info,
+                 init=init)
     print(f"model: {args.out / 'model.pt'}  curves: {args.out / 'curves.png'}  metrics: {args.out / 'meta.json'}")
     return 0
+
+
+#: train's architecture flags: the ModelConfig field each sets, and its default.
+TRAIN_ARCH = {"attention": ("attention", "linrec_decay"), "hidden": ("hidden_size", 64),
+              "layers": ("num_layers", 2), "heads": ("num_heads", 2), "inner": ("inner_size", 256),
+              "max-len": ("max_len", 200), "dropout": ("dropout", 0.2)}
+
+
+def _init_from(settings: Settings, args: argparse.Namespace, given: dict):
+    """train --init-from: the model config, the warm start and the data in that model's item ids.
+    The architecture is the model's; a flag that contradicts it is a usage error (--dropout,
+    which shapes no weight, may change)."""
+    import dataclasses
+
+    from linrec_stream.experiment import init_from_run, load_run, prepare
+
+    try:
+        _, vocab = load_run(args.init_from)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(f"--init-from: {exc}") from None
+    prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info,
+                       base_vocab=vocab)
+    mc, init = init_from_run(args.init_from, prepared, args.seed, log=_info)
+    for flag, value in given.items():
+        field = TRAIN_ARCH[flag][0]
+        if value is not None and field != "dropout" and value != getattr(mc, field):
+            raise UsageError(f"--{flag} {value}: the model in --init-from {args.init_from} has "
+                             f"{field} {getattr(mc, field)} (its architecture is kept; leave the flag out)")
+    if given["dropout"] is not None:
+        try:
+            mc = dataclasses.replace(mc, dropout=given["dropout"])
+        except ValueError as exc:
+            raise UsageError(f"--dropout: {exc}") from None
+    return mc, init, prepared
 
 
 def _retrain(settings: Settings, args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ from linrec_stream.data import LeaveOneOut, build_sequences, leave_one_out, read
 from linrec_stream.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.train import TrainConfig, TrainData, train
+from linrec_stream.warm_start import grow_vocab, grown_model, remap_items
 
 Log = Callable[[str], None]
 
@@ -32,12 +33,19 @@ class Prepared:
                 "items": d.num_items, "evaluated_users": self.split.num_eval, "skipped_lines": self.skipped}
 
 
-def prepare(spec: str, data_dir: Path, skip_malformed: bool = False, log: Log = print) -> Prepared:
-    """Resolve (fetching if needed), read, order and split a data set."""
+def prepare(spec: str, data_dir: Path, skip_malformed: bool = False, log: Log = print,
+            base_vocab: list[str] | None = None) -> Prepared:
+    """Resolve (fetching if needed), read, order and split a data set.
+
+    ``base_vocab``: item ids to keep (a model's vocabulary, to start from it); the data's other
+    items are numbered after them (``warm_start.grow_vocab``)."""
     t0 = time.monotonic()
     path = resolve_data(spec, data_dir, log=log)
     inter = read_interactions(path, skip_malformed=skip_malformed)
-    split = leave_one_out(build_sequences(inter))
+    seqs = build_sequences(inter)
+    if base_vocab is not None:
+        seqs = remap_items(seqs, grow_vocab(base_vocab, seqs.vocab))
+    split = leave_one_out(seqs)
     p = Prepared(path, split, inter.skipped)
     d = p.describe()
     log(f"data: {path} - {d['events']:,} events, {d['users']:,} users, {d['items']:,} items"
@@ -54,17 +62,44 @@ def eval_set(split: LeaveOneOut, which: str) -> EvalSet:
     raise ValueError(f"split must be 'valid' or 'test', got {which!r}")
 
 
+@dataclass(frozen=True)
+class InitFrom:
+    """A warm start for ``run_training``: the weights to begin with, and where they came from."""
+
+    weights: dict[str, torch.Tensor]
+    source: dict  # recorded in meta.json: the run directory and its model version
+
+
+def init_from_run(model_dir: Path, prepared: Prepared, seed: int,
+                  log: Log = print) -> tuple[ModelConfig, InitFrom]:
+    """The architecture and initial weights of a run that starts from ``model_dir``'s best model.
+
+    ``prepared`` must have been prepared with that model's vocabulary as ``base_vocab``, so its
+    items keep their ids; items the model does not know get fresh rows."""
+    parent, vocab = load_run(model_dir)
+    num_items = prepared.split.data.num_items
+    if prepared.split.data.vocab[: len(vocab)] != vocab:
+        raise ValueError(f"the data was not prepared with {model_dir}'s vocabulary")
+    mc, weights = grown_model(parent, num_items, seed)
+    log(f"starting from {model_dir} (version {parent.version[:12]}, {parent.config.attention}, "
+        f"{parent.config.num_items:,} -> {num_items:,} items)")
+    return mc, InitFrom(weights, {"dir": str(model_dir), "version": parent.version})
+
+
 def run_training(
     prepared: Prepared, model_config: ModelConfig, train_config: TrainConfig, out: Path,
     device: torch.device, resume: bool = False, progress: bool = True, log: Log = print,
+    init: InitFrom | None = None,
 ) -> dict:
-    """Train, then evaluate the best model on the test users; returns the test metrics
-    (also written to ``out/meta.json`` with the popularity baseline)."""
+    """Train (from ``init``'s weights if given), then evaluate the best model on the test users;
+    returns the test metrics (also written to ``out/meta.json`` with the popularity baseline)."""
     split = prepared.split
     data = TrainData(split.train, eval_set(split, "valid"), split.data.vocab)
     meta = {"data": prepared.describe(), "device": str(device)}
+    if init is not None:
+        meta["init_from"] = init.source
     model, hist = train(model_config, train_config, data, out, device, resume=resume, meta=meta,
-                        progress=progress, log=log)
+                        progress=progress, log=log, init_weights=None if init is None else init.weights)
     test = eval_set(split, "test")
     metrics = evaluate(model, test, batch_size=train_config.eval_batch_size, history=train_config.history)
     pop = popularity_baseline(test, popularity_counts(split.train, split.data.num_items))

@@ -34,16 +34,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linrec_stream.data import PAD, Interactions, LeaveOneOut, SequenceData, build_sequences, leave_one_out
+from linrec_stream.data import Interactions, LeaveOneOut, build_sequences, leave_one_out
 from linrec_stream.evaluate import evaluate
 from linrec_stream.experiment import eval_set, format_metrics, load_run, remap
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.registry import Change, ModelRegistry
 from linrec_stream.settings import Settings
-from linrec_stream.train import TrainConfig, TrainData, seed_everything, train
+from linrec_stream.train import TrainConfig, TrainData, train
+from linrec_stream.warm_start import grow_vocab, grown_model, remap_items
 
 Log = Callable[[str], None]
-ITEM_EMBEDDING = "item_embedding.weight"
 WORK_DIR = ".work"  # under the registry root: same file system, so registering is a cheap copy
 
 
@@ -138,49 +138,6 @@ class RetrainResult:
         if self.published:
             return f"retrain: published {self.version[:12]} ({cmp})"
         return f"retrain: rejected {self.version[:12]} ({cmp}): not published, {self.parent[:12]} stays"
-
-
-# --- vocabulary and weights ------------------------------------------------------------------
-def grow_vocab(parent_vocab: list[str], data_vocab: list[str]) -> list[str]:
-    """The parent's vocabulary unchanged (same ids, same order), then the items of ``data_vocab``
-    it does not know, sorted. Index 0 stays padding."""
-    known = set(parent_vocab[1:])
-    new = sorted(s for s in data_vocab[1:] if s not in known)
-    return [PAD, *parent_vocab[1:], *new]
-
-
-def remap_items(data: SequenceData, vocab: list[str]) -> SequenceData:
-    """``data`` with its item ids rewritten into ``vocab`` (which must hold every item of it)."""
-    if vocab == data.vocab:
-        return data
-    index = {s: k for k, s in enumerate(vocab) if k > 0}
-    missing = [s for s in data.vocab[1:] if s not in index]
-    if missing:
-        raise ValueError(f"{len(missing)} items of the data are not in the vocabulary, e.g. {missing[0]!r}")
-    table = np.array([0] + [index[s] for s in data.vocab[1:]], dtype=np.int64)  # data id -> vocab id
-    return SequenceData(vocab=list(vocab), users=data.users, seqs=[table[s] for s in data.seqs],
-                        timestamps=data.timestamps)
-
-
-def warm_start_weights(parent: dict[str, Tensor], fresh: dict[str, Tensor]) -> dict[str, Tensor]:
-    """The initial weights of a grown model: ``fresh`` (its random init) with every parent tensor
-    copied over; the item embedding (I'+1, D) takes the parent's (I+1, D) rows 0..I (padding and
-    known items, which keep their ids) and keeps its fresh rows for the new items I+1..I'."""
-    out: dict[str, Tensor] = {}
-    for name, init in fresh.items():
-        if name not in parent:
-            raise ValueError(f"warm start: the parent has no weight {name!r} (another architecture)")
-        old = parent[name].to(init.device, init.dtype)
-        if name == ITEM_EMBEDDING and old.shape[0] <= init.shape[0] and old.shape[1:] == init.shape[1:]:
-            grown = init.clone()
-            grown[: old.shape[0]] = old
-            out[name] = grown
-        elif old.shape == init.shape:
-            out[name] = old.clone()
-        else:
-            raise ValueError(f"warm start: {name} has shape {tuple(old.shape)} in the parent, "
-                             f"{tuple(init.shape)} in the candidate")
-    return out
 
 
 # --- data --------------------------------------------------------------------------------------
@@ -318,10 +275,7 @@ def _candidate_setup(parent: LinRecModel | None, num_items: int, config: Retrain
     if config.from_scratch:
         log(f"from scratch with the current version's architecture ({num_items:,} items)")
         return mc, None
-    # The same seed train() uses, so the new rows get exactly the init a fresh model would.
-    seed_everything(config.seed)
-    fresh = LinRecModel(mc).state_dict()
-    init = warm_start_weights({k: v.detach().cpu() for k, v in parent.state_dict().items()}, fresh)
+    mc, init = grown_model(parent, num_items, config.seed)
     log(f"warm start from the current version: {parent.config.num_items:,} -> {num_items:,} items")
     return mc, init
 

@@ -33,14 +33,12 @@ from linrec_stream.retrain import (
     RetrainConfig,
     RetrainError,
     ScratchModel,
-    grow_vocab,
     parse_duration,
-    remap_items,
     retrain_once,
     run_every,
-    warm_start_weights,
 )
 from linrec_stream.settings import Settings
+from linrec_stream.warm_start import grow_vocab, remap_items, warm_start_weights
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.kafka
