@@ -359,12 +359,12 @@ def _init_from(settings: Settings, args: argparse.Namespace, given: dict):
     from linrec_stream.experiment import init_from_run, load_run, prepare
 
     try:
-        _, vocab = load_run(args.init_from)
+        parent, vocab = load_run(args.init_from)
     except (FileNotFoundError, ValueError) as exc:
         raise UsageError(f"--init-from: {exc}") from None
     prepared = prepare(args.data, settings.path(settings.data_dir), args.skip_malformed, log=_info,
                        base_vocab=vocab)
-    mc, init = init_from_run(args.init_from, prepared, args.seed, log=_info)
+    mc, init = init_from_run(args.init_from, parent, vocab, prepared, args.seed, log=_info)
     for flag, value in given.items():
         field = TRAIN_ARCH[flag][0]
         if value is not None and field != "dropout" and value != getattr(mc, field):

@@ -70,13 +70,13 @@ class InitFrom:
     source: dict  # recorded in meta.json: the run directory and its model version
 
 
-def init_from_run(model_dir: Path, prepared: Prepared, seed: int,
+def init_from_run(model_dir: Path, parent: LinRecModel, vocab: list[str], prepared: Prepared, seed: int,
                   log: Log = print) -> tuple[ModelConfig, InitFrom]:
-    """The architecture and initial weights of a run that starts from ``model_dir``'s best model.
+    """The architecture and initial weights of a run that starts from ``parent``, the best model
+    of ``model_dir`` with its item ``vocab`` (as ``load_run`` gives them).
 
-    ``prepared`` must have been prepared with that model's vocabulary as ``base_vocab``, so its
-    items keep their ids; items the model does not know get fresh rows."""
-    parent, vocab = load_run(model_dir)
+    ``prepared`` must have been prepared with ``vocab`` as ``base_vocab``, so its items keep their
+    ids; items the model does not know get fresh rows."""
     num_items = prepared.split.data.num_items
     if prepared.split.data.vocab[: len(vocab)] != vocab:
         raise ValueError(f"the data was not prepared with {model_dir}'s vocabulary")

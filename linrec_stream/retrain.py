@@ -41,7 +41,7 @@ from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.registry import Change, ModelRegistry
 from linrec_stream.settings import Settings
 from linrec_stream.train import TrainConfig, TrainData, train
-from linrec_stream.warm_start import grow_vocab, grown_model, remap_items
+from linrec_stream.warm_start import grow_vocab, grown_config, grown_model, remap_items
 
 Log = Callable[[str], None]
 WORK_DIR = ".work"  # under the registry root: same file system, so registering is a cheap copy
@@ -271,10 +271,9 @@ def _candidate_setup(parent: LinRecModel | None, num_items: int, config: Retrain
         log(f"no current version: training {mc.attention} from scratch "
             f"(hidden {mc.hidden_size}, layers {mc.num_layers}, max_len {mc.max_len})")
         return mc, None
-    mc = ModelConfig.from_dict({**parent.config.to_dict(), "num_items": num_items})
     if config.from_scratch:
         log(f"from scratch with the current version's architecture ({num_items:,} items)")
-        return mc, None
+        return grown_config(parent.config, num_items), None
     mc, init = grown_model(parent, num_items, config.seed)
     log(f"warm start from the current version: {parent.config.num_items:,} -> {num_items:,} items")
     return mc, init

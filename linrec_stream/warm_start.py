@@ -59,11 +59,16 @@ def warm_start_weights(parent: dict[str, Tensor], fresh: dict[str, Tensor]) -> d
     return out
 
 
+def grown_config(parent: ModelConfig, num_items: int) -> ModelConfig:
+    """The parent's architecture for ``num_items`` items."""
+    return ModelConfig.from_dict({**parent.to_dict(), "num_items": num_items})
+
+
 def grown_model(parent: LinRecModel, num_items: int, seed: int) -> tuple[ModelConfig, dict[str, Tensor]]:
     """The parent's architecture for ``num_items`` items (≥ the parent's) and its initial weights:
     every parent tensor, new item rows initialised as a fresh model seeded with ``seed`` would be
     (the seed ``train`` uses, so a warm start differs from a fresh run only where it should)."""
-    mc = ModelConfig.from_dict({**parent.config.to_dict(), "num_items": num_items})
+    mc = grown_config(parent.config, num_items)
     seed_everything(seed)
     fresh = LinRecModel(mc).state_dict()
     return mc, warm_start_weights({k: v.detach().cpu() for k, v in parent.state_dict().items()}, fresh)

@@ -35,7 +35,7 @@ def test_warm_start_keeps_every_weight_and_item_id_and_adds_rows_for_new_items(t
     vocab = prepared.split.data.vocab
     assert vocab[: len(parent_vocab)] == parent_vocab and len(vocab) > len(parent_vocab)
 
-    mc, init = init_from_run(tmp_path / "parent", prepared, seed=7, log=_quiet)
+    mc, init = init_from_run(tmp_path / "parent", parent, parent_vocab, prepared, seed=7, log=_quiet)
     assert mc.num_items == len(vocab) - 1
     assert {k: v for k, v in mc.to_dict().items() if k != "num_items"} == \
         {k: v for k, v in parent.config.to_dict().items() if k != "num_items"}
