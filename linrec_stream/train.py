@@ -282,11 +282,31 @@ def _load_last(out: Path, model, opt, mc: ModelConfig, tc: TrainConfig) -> tuple
         raise ValueError(f"--resume: {out} was trained with other training settings "
                          "(only --epochs and --max-minutes may change)")
     model.load_state_dict(ck["model"])
-    opt.load_state_dict(ck["optimizer"])
+    opt.load_state_dict(_regrouped(ck["optimizer"], model, opt))
     torch.set_rng_state(ck["torch_rng"])
     if ck.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ck["cuda_rng"])
     return ck["epoch"], History(**ck["history"])
+
+
+def _regrouped(saved: dict, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """``saved`` optimiser state in ``opt``'s grouping. Runs saved before linrec_decay's rates got
+    their own group (no weight decay) have one group over every parameter in model order; their
+    Adam moments are moved to where each parameter sits now, so such a run resumes too."""
+    if len(saved["param_groups"]) == len(opt.param_groups) or len(saved["param_groups"]) != 1:
+        return saved  # same layout (or one we cannot map: torch's own error says so)
+    position = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
+    old = saved["param_groups"][0]
+    groups, state, n = [], {}, 0
+    for group in opt.param_groups:
+        ids = []
+        for p in group["params"]:
+            if position[id(p)] in saved["state"]:
+                state[n] = saved["state"][position[id(p)]]
+            ids.append(n)
+            n += 1
+        groups.append({**old, "weight_decay": group["weight_decay"], "params": ids})
+    return {"state": state, "param_groups": groups}
 
 
 def _write_meta(out: Path, mc: ModelConfig, tc: TrainConfig, hist: History, extra: dict) -> None:

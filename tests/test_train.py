@@ -93,6 +93,28 @@ def test_same_seed_same_model_and_resume_equals_uninterrupted(tmp_path: Path):
     assert c.version == a.version
 
 
+def test_resume_of_a_run_saved_with_one_optimiser_group_equals_uninterrupted(tmp_path: Path):
+    # Earlier versions kept linrec_decay's rates in the one optimiser group with everything else.
+    data, _ = split(cycle_log(users=60, length=14))
+    cfg = small_config("linrec_decay")
+    quiet = dict(progress=False, log=lambda m: None)
+    tc3 = TrainConfig(epochs=3, batch_size=16, patience=10, seed=7)
+    a, _ = train(cfg, tc3, data, tmp_path / "a", torch.device("cpu"), **quiet)
+    train(cfg, TrainConfig(epochs=2, batch_size=16, patience=10, seed=7), data, tmp_path / "c",
+          torch.device("cpu"), **quiet)
+    ck = torch.load(tmp_path / "c" / "last.pt", weights_only=False)
+    names = list(ck["model"])
+    rates = [i for i, n in enumerate(names) if n.endswith("log_decay_rate")]
+    grouped = [i for i in range(len(names)) if i not in rates] + rates  # model index of each slot now
+    opt = ck["optimizer"]
+    assert [len(g["params"]) for g in opt["param_groups"]] == [len(names) - len(rates), len(rates)]
+    ck["optimizer"] = {"state": {grouped[k]: v for k, v in opt["state"].items()},
+                       "param_groups": [{**opt["param_groups"][0], "params": list(range(len(names)))}]}
+    torch.save(ck, tmp_path / "c" / "last.pt")
+    c, _ = train(cfg, tc3, data, tmp_path / "c", torch.device("cpu"), resume=True, **quiet)
+    assert c.version == a.version
+
+
 def test_time_budget_stops_after_the_epoch_in_progress_and_resume_goes_on(tmp_path: Path):
     data, _ = split(cycle_log(users=20, length=8))
     logs: list[str] = []
