@@ -74,18 +74,26 @@ def test_training_learns_the_pattern_far_beyond_popularity(tmp_path: Path, atten
         assert all(abs(h / h0 - 1) > 0.01 for h, h0 in zip(last[0], [4.0, 256.0])), last
 
 
-def test_same_seed_same_model_and_resume_equals_uninterrupted(tmp_path: Path):
+QUIET = dict(progress=False, log=lambda m: None)
+
+
+def three_epochs_and_two(tmp_path: Path, attention: str):
+    """An uninterrupted 3-epoch run in ``a`` and the same run stopped after 2 in ``c``; returns
+    what resuming ``c`` needs and ``a``'s model to compare with."""
     data, _ = split(cycle_log(users=60, length=14))
-    cfg = small_config("linrec")
-    quiet = dict(progress=False, log=lambda m: None)
+    cfg = small_config(attention)
     tc3 = TrainConfig(epochs=3, batch_size=16, patience=10, seed=7)
-    a, _ = train(cfg, tc3, data, tmp_path / "a", torch.device("cpu"), **quiet)
-    b, _ = train(cfg, tc3, data, tmp_path / "b", torch.device("cpu"), **quiet)
-    assert a.version == b.version  # deterministic on CPU
-    # Two epochs, "interrupted", then resumed to three.
+    a, _ = train(cfg, tc3, data, tmp_path / "a", torch.device("cpu"), **QUIET)
     train(cfg, TrainConfig(epochs=2, batch_size=16, patience=10, seed=7), data, tmp_path / "c",
-          torch.device("cpu"), **quiet)
-    c, hist = train(cfg, tc3, data, tmp_path / "c", torch.device("cpu"), resume=True, **quiet)
+          torch.device("cpu"), **QUIET)
+    return cfg, tc3, data, a
+
+
+def test_same_seed_same_model_and_resume_equals_uninterrupted(tmp_path: Path):
+    cfg, tc3, data, a = three_epochs_and_two(tmp_path, "linrec")
+    b, _ = train(cfg, tc3, data, tmp_path / "b", torch.device("cpu"), **QUIET)
+    assert a.version == b.version  # deterministic on CPU
+    c, hist = train(cfg, tc3, data, tmp_path / "c", torch.device("cpu"), resume=True, **QUIET)
     assert len(hist.epochs) == 3
     last_a = torch.load(tmp_path / "a" / "last.pt", weights_only=False)["model"]
     last_c = torch.load(tmp_path / "c" / "last.pt", weights_only=False)["model"]
@@ -95,13 +103,7 @@ def test_same_seed_same_model_and_resume_equals_uninterrupted(tmp_path: Path):
 
 def test_resume_of_a_run_saved_with_one_optimiser_group_equals_uninterrupted(tmp_path: Path):
     # Earlier versions kept linrec_decay's rates in the one optimiser group with everything else.
-    data, _ = split(cycle_log(users=60, length=14))
-    cfg = small_config("linrec_decay")
-    quiet = dict(progress=False, log=lambda m: None)
-    tc3 = TrainConfig(epochs=3, batch_size=16, patience=10, seed=7)
-    a, _ = train(cfg, tc3, data, tmp_path / "a", torch.device("cpu"), **quiet)
-    train(cfg, TrainConfig(epochs=2, batch_size=16, patience=10, seed=7), data, tmp_path / "c",
-          torch.device("cpu"), **quiet)
+    cfg, tc3, data, a = three_epochs_and_two(tmp_path, "linrec_decay")
     ck = torch.load(tmp_path / "c" / "last.pt", weights_only=False)
     names = list(ck["model"])
     rates = [i for i, n in enumerate(names) if n.endswith("log_decay_rate")]
@@ -111,7 +113,7 @@ def test_resume_of_a_run_saved_with_one_optimiser_group_equals_uninterrupted(tmp
     ck["optimizer"] = {"state": {grouped[k]: v for k, v in opt["state"].items()},
                        "param_groups": [{**opt["param_groups"][0], "params": list(range(len(names)))}]}
     torch.save(ck, tmp_path / "c" / "last.pt")
-    c, _ = train(cfg, tc3, data, tmp_path / "c", torch.device("cpu"), resume=True, **quiet)
+    c, _ = train(cfg, tc3, data, tmp_path / "c", torch.device("cpu"), resume=True, **QUIET)
     assert c.version == a.version
 
 
@@ -130,14 +132,13 @@ def test_time_budget_stops_after_the_epoch_in_progress_and_resume_goes_on(tmp_pa
 
 def test_resume_refuses_other_settings(tmp_path: Path):
     data, _ = split(cycle_log(users=20, length=8))
-    quiet = dict(progress=False, log=lambda m: None)
-    train(small_config("linrec"), TrainConfig(epochs=1, batch_size=8), data, tmp_path, torch.device("cpu"), **quiet)
+    train(small_config("linrec"), TrainConfig(epochs=1, batch_size=8), data, tmp_path, torch.device("cpu"), **QUIET)
     with pytest.raises(ValueError, match="another model configuration"):
         train(small_config("softmax"), TrainConfig(epochs=2, batch_size=8), data, tmp_path,
-              torch.device("cpu"), resume=True, **quiet)
+              torch.device("cpu"), resume=True, **QUIET)
     with pytest.raises(FileNotFoundError, match="does not exist"):
         train(small_config("linrec"), TrainConfig(epochs=2), data, tmp_path / "new", torch.device("cpu"),
-              resume=True, **quiet)
+              resume=True, **QUIET)
 
 
 def test_train_and_evaluate_from_the_command_line(tmp_path: Path):
