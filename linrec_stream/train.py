@@ -291,21 +291,19 @@ def _load_last(out: Path, model, opt, mc: ModelConfig, tc: TrainConfig) -> tuple
 
 def _regrouped(saved: dict, model: torch.nn.Module, opt: torch.optim.Optimizer) -> dict:
     """``saved`` optimiser state in ``opt``'s grouping. Runs saved before linrec_decay's rates got
-    their own group (no weight decay) have one group over every parameter in model order; their
-    Adam moments are moved to where each parameter sits now, so such a run resumes too."""
-    if len(saved["param_groups"]) == len(opt.param_groups) or len(saved["param_groups"]) != 1:
-        return saved  # same layout (or one we cannot map: torch's own error says so)
+    their own group (the one without weight decay) have a single group over every parameter in
+    model order; their Adam moments are moved to where each parameter sits now."""
+    if len(saved["param_groups"]) != 1 or len(opt.param_groups) == 1:
+        return saved  # the layout it was saved in (or one we cannot map: torch's own error says so)
     position = {id(p): i for i, (_, p) in enumerate(model.named_parameters())}
-    old = saved["param_groups"][0]
-    groups, state, n = [], {}, 0
-    for group in opt.param_groups:
-        ids = []
-        for p in group["params"]:
-            if position[id(p)] in saved["state"]:
-                state[n] = saved["state"][position[id(p)]]
-            ids.append(n)
-            n += 1
-        groups.append({**old, "weight_decay": group["weight_decay"], "params": ids})
+    order = [position[id(p)] for g in opt.param_groups for p in g["params"]]  # saved index of each slot
+    state = {new: saved["state"][old] for new, old in enumerate(order) if old in saved["state"]}
+    groups, start = [], 0
+    for g in opt.param_groups:
+        end = start + len(g["params"])
+        groups.append({**saved["param_groups"][0], "weight_decay": g["weight_decay"],
+                       "params": list(range(start, end))})
+        start = end
     return {"state": state, "param_groups": groups}
 
 
