@@ -30,6 +30,19 @@ MIN_JAVA = 17
 STOP_TIMEOUT_S = 30.0
 
 
+def new_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A random KRaft cluster id: 16 bytes in URL-safe base64, 22 characters.
+
+    One id in 64 would begin with ``-``, which the storage tool's argument parser takes for an
+    option ("argument --cluster-id/-t: expected one argument"); Kafka's own ``Uuid.randomUuid``
+    draws again in that case, and so does this. ``draw`` supplies the 16 random bytes.
+    """
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw()).rstrip(b"=").decode()
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 @dataclass(frozen=True)
 class BrokerPaths:
     """Where one local broker keeps its files."""
@@ -170,10 +183,9 @@ class LocalBroker:
     def _format_if_new(self, java: str, lib: Path) -> bool:
         if (self.paths.data / "meta.properties").exists():
             return False
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).rstrip(b"=").decode()
         cmd = self._java_base(java, lib) + [
             "kafka.tools.StorageTool", "format", "--standalone",
-            "-t", cluster_id, "-c", str(self.paths.properties),
+            "-t", new_cluster_id(), "-c", str(self.paths.properties),
         ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
