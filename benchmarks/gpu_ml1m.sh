@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The RESULTS.md runs that need a GPU (issue 4), in one command for a short GPU lease:
+#   0. benchmarks/gpu_parity.py: the model's parallel, resumed and one-event forms agree on the
+#      GPU with a float64 CPU copy (~15 s; PARITY=0 skips it);
 #   1. the model benchmark on CUDA (step vs re-encode, training cost), bounded to ~80 s;
 #   2. the paper's configuration on ML-1M (hidden 128, 2 layers, 8 heads, max length 200,
 #      dropout 0.2, Adam 1e-3, batch 128, patience 10), all runs side by side on the one GPU,
@@ -13,7 +15,7 @@
 #   4. everything small packed into OUT/ml1m_runs.tar.gz (meta.json, curves.png, logs; no weights).
 #
 # Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
-# Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"),
+# Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"), PARITY (1),
 #              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads[:history]] ...", below),
 #              FT_MINUTES (2.5; 0 skips the fine-tuning).
 # Data: data/ml-1m as `linrec-stream data fetch ml-1m` leaves it, or .devdata/ml-1m.inter.gz (a
@@ -39,6 +41,13 @@ if [ ! -f "data/$data/$data.inter" ] && [ -f ".devdata/$data.inter.gz" ]; then
     mkdir -p "data/$data"
     gunzip -c ".devdata/$data.inter.gz" >"data/$data/$data.inter"
     cp ".devdata/$data.source.json" "data/$data/$data.source.json"
+fi
+
+if [ "${PARITY:-1}" != 0 ]; then
+    stamp "form parity on $device"
+    $PY benchmarks/gpu_parity.py --device "$device" >"$out/gpu_parity.txt" 2>&1
+    stamp "parity exit $?"
+    cat "$out/gpu_parity.txt"
 fi
 
 if [ "$bench_s" -gt 0 ]; then
