@@ -4,6 +4,7 @@ scripts/test.sh starts it; when pytest runs alone, the `broker` fixture starts i
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
 import subprocess
@@ -15,6 +16,16 @@ import pytest
 from linrec_stream.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(relpath: str):
+    """The module of a script that is not in a package (``scripts/``, ``benchmarks/``), by its
+    path from the repository root, loaded afresh on every call."""
+    path = REPO / relpath
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

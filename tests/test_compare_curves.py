@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "compare_curves.py"
+from tests.conftest import load_script
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("compare_curves", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "scripts/compare_curves.py"
 
 
 def _run(tmp: Path, name: str, curve: list[float]) -> Path:
@@ -31,7 +25,7 @@ def test_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
         _run(tmp_path, "m-a-s2", [0.1, 0.4]),
         _run(tmp_path, "m-b-s1", [0.05, 0.15, 0.25]),
     ]
-    assert _module().main([*map(str, runs), "--epochs", "2,3", "--plot", str(tmp_path / "c.png")]) == 0
+    assert load_script(SCRIPT).main([*map(str, runs), "--epochs", "2,3", "--plot", str(tmp_path / "c.png")]) == 0
     rows = {line.split(" (")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()}
     # m-a at epoch 2: 0.2 and 0.4 -> 0.3000 ± 0.1414; at epoch 3 only seed 1 ran that far.
     assert "| 0.3000 ± 0.1414 | 0.3000 | 0.3500 ± 0.0707 |" in rows["m-a"]
@@ -41,7 +35,7 @@ def test_groups_seeds_and_reports_mean_and_spread(tmp_path, capsys):
 
 
 def test_missing_run_and_bad_epochs_are_one_line_errors(tmp_path, capsys):
-    mod = _module()
+    mod = load_script(SCRIPT)
     with pytest.raises(SystemExit, match="does not exist"):
         mod.main([str(tmp_path / "nope")])
     run = _run(tmp_path, "x-s1", [0.1])

@@ -3,26 +3,17 @@ between GPU leases: it must pass on a correct model and catch a broken one-event
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from linrec_stream.model import LinRecModel
+from tests.conftest import load_script
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_parity.py"
-
-
-def _module():
-    spec = importlib.util.spec_from_file_location("gpu_parity", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+SCRIPT = "benchmarks/gpu_parity.py"
 
 
 def test_forms_agree_on_cpu_beyond_max_len():
-    err = _module().check("linrec_decay", "cpu", B=2, T=210, split=70)
+    err = load_script(SCRIPT).check("linrec_decay", "cpu", B=2, T=210, split=70)
     assert set(err) == {"forward masked", "forward chunked", "encode split", "step loop"}
     assert max(err.values()) < 2e-4, err
 
@@ -35,7 +26,7 @@ def test_a_wrong_step_fails_the_check(monkeypatch):
         return h + 1e-3, state
 
     monkeypatch.setattr(LinRecModel, "step", off_by_a_little)
-    err = _module().check("linrec", "cpu", B=2, T=20, split=7)
+    err = load_script(SCRIPT).check("linrec", "cpu", B=2, T=20, split=7)
     assert err["step loop"] > 2e-4
     assert err["encode split"] < 2e-4
 
@@ -44,5 +35,5 @@ def test_refuses_cuda_without_a_gpu(monkeypatch, capsys):
     if torch.cuda.is_available():
         pytest.skip("the refusal only exists where there is no GPU")
     monkeypatch.setattr("sys.argv", ["gpu_parity.py", "--device", "cuda"])
-    assert _module().main() == 2
+    assert load_script(SCRIPT).main() == 2
     assert "no CUDA device" in capsys.readouterr().err
