@@ -13,8 +13,8 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from linrec_stream.kafka.broker import LocalBroker
-from linrec_stream.kafka.roundtrip import roundtrip
+from linrec_stream.broker.broker import LocalBroker
+from linrec_stream.broker.roundtrip import roundtrip
 from linrec_stream.settings import Settings
 
 

@@ -36,8 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from linrec_stream.model import LinRecModel, ModelConfig, UserState  # noqa: E402
-from linrec_stream.ops import OPS  # noqa: E402
-from linrec_stream.ops.kernels import chunked_form, masked_form  # noqa: E402
+from linrec_stream.model.ops import OPS  # noqa: E402
+from linrec_stream.model.ops.kernels import chunked_form, masked_form  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 

@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from consumers.batch import ServingModel, apply_batch, rebuild_batch  # noqa: E402
-from consumers.events import Interaction, Source, encode_event  # noqa: E402
+from linrec_stream.contracts.events import Interaction, Source, encode_event  # noqa: E402
 from linrec_stream.model import LinRecModel, ModelConfig  # noqa: E402
 from state.record import UserRecord  # noqa: E402
 
@@ -91,8 +91,8 @@ def part_a(args) -> list[str]:
 def part_b(args) -> list[str]:
     from kafka import KafkaProducer
 
-    from linrec_stream.kafka.topics import create_topics, private_env
-    from linrec_stream.registry import ModelRegistry
+    from linrec_stream.broker.topics import create_topics, private_env
+    from linrec_stream.lifecycle.registry import ModelRegistry
     from linrec_stream.settings import Settings
 
     rows = ["| users | events stored | states rebuilt | announcement -> all rebuilt | rebuild only | states/s |",

@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from consumers.batch import apply_batch, reencode_batch
-from consumers.events import encode_event
+from linrec_stream.contracts.events import encode_event
 from consumers.worker import StreamWorker, WorkerOptions
-from linrec_stream.kafka.topics import create_topics
+from linrec_stream.broker.topics import create_topics
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.settings import Settings
 

@@ -23,7 +23,7 @@ import sys
 import torch
 
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.ops import OPS
+from linrec_stream.model.ops import OPS
 
 
 def histories(B: int, T: int, num_items: int, seed: int = 0) -> torch.Tensor:

@@ -18,13 +18,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
-from consumers.events import Interaction, Recommendation, Source
-from linrec_stream.model import LinRecModel, UserState
-from linrec_stream.user_state import StateMismatchError
+from linrec_stream.contracts.events import Interaction, Recommendation, Source
+from linrec_stream.model import LinRecModel, StateMismatchError, UserState
+from linrec_stream.model.run_dir import Vocab, load_run
 from state.record import UserRecord
 
 
@@ -33,26 +34,24 @@ class ServingModel:
     """A trained model with its item vocabulary, ready to serve (eval mode, no autograd)."""
 
     model: LinRecModel
-    vocab: list[str]  # external id of each item id; vocab[0] is padding
-    index: dict[str, int]
+    vocab: Vocab
     # Computed once: the model's version hashes its weights, far too slow to ask per user.
     version: str
     empty: UserState  # a new user's state (a value: stacking copies it)
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str = "cpu") -> "ServingModel":
-        from linrec_stream.experiment import load_run
-
         return cls.of(*load_run(model_dir, device))
 
     @classmethod
-    def of(cls, model: LinRecModel, vocab: list[str]) -> "ServingModel":
+    def of(cls, model: LinRecModel, vocab: Vocab | Sequence[str]) -> "ServingModel":
         model = model.eval()
-        return cls(model, vocab, {s: k for k, s in enumerate(vocab) if k > 0}, model.version, model.init_state(1))
+        vocab = vocab if isinstance(vocab, Vocab) else Vocab.of(vocab)
+        return cls(model, vocab, model.version, model.init_state(1))
 
-    def ids(self, items: list[str] | tuple[str, ...]) -> list[int]:
+    def ids(self, items: Iterable[str]) -> list[int]:
         """Model ids of the known items among ``items`` (unknown ones dropped)."""
-        return [self.index[i] for i in items if i in self.index]
+        return self.vocab.ids(items)
 
 
 @dataclass

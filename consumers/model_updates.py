@@ -1,58 +1,13 @@
-"""The ``model-updates`` topic: announcements of the model version in force.
-
-One partition, compacted, every message keyed ``current``: after compaction the topic holds the
-newest announcement, and in between a follower sees every promote and rollback in order. The
-registry's ``CURRENT.json`` stays the source of truth; an announcement tells running workers to
-look now rather than at their next start.
-"""
+"""Following the ``model-updates`` topic from a worker (the message format is
+``linrec_stream.contracts.model_updates``; announcing is ``linrec_stream.lifecycle.announce``)."""
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass
 
-from linrec_stream.registry import Change
+from linrec_stream.contracts.model_updates import Announcement
 
 log = logging.getLogger("linrec.model_updates")
-
-KEY = b"current"
-FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class Announcement:
-    action: str  # promote | rollback
-    version: str
-    previous: str | None
-    at: float  # epoch seconds of the registry change
-    announced_ms: int = 0  # the message's Kafka timestamp (set when read back)
-
-    def to_bytes(self) -> bytes:
-        body = {"v": FORMAT_VERSION, **{k: v for k, v in asdict(self).items() if k != "announced_ms"}}
-        return json.dumps(body, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_bytes(cls, blob: bytes, announced_ms: int = 0) -> "Announcement":
-        d = json.loads(blob)
-        if not isinstance(d, dict) or d.get("v") != FORMAT_VERSION or not isinstance(d.get("version"), str):
-            raise ValueError(f"not a model announcement: {blob[:120]!r}")
-        return cls(str(d["action"]), d["version"], d.get("previous"), float(d["at"]), announced_ms)
-
-
-def announce(bootstrap_servers: str, topic: str, change: Change) -> Announcement:
-    """Publish ``change`` and wait until the broker has it."""
-    from kafka import KafkaProducer
-
-    a = Announcement(change.action, change.version, change.previous, change.at)
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, acks="all")
-    try:
-        producer.send(topic, key=KEY, value=a.to_bytes()).get(timeout=30)
-        producer.flush()
-    finally:
-        producer.close()
-    return a
-
 
 class UpdateFollower:
     """Reads announcements made after it was created (no consumer group: every worker sees all).

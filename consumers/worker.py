@@ -34,10 +34,10 @@ from typing import Callable
 import torch
 
 from consumers.batch import BatchResult, ServingModel, apply_batch, rebuild_batch
-from consumers.events import Interaction, Limits, Rejected, Source, parse_event
+from linrec_stream.contracts.events import Interaction, Limits, Rejected, Source, parse_event
 from consumers.metrics import WorkerMetrics
 from consumers.model_updates import UpdateFollower
-from linrec_stream.registry import ModelRegistry, RegistryError
+from linrec_stream.lifecycle.registry import ModelRegistry, RegistryError
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
 from state.store import StateStore

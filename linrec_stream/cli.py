@@ -233,7 +233,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 # --- commands -------------------------------------------------------------------------------
 def _kafka_start(settings: Settings, args: argparse.Namespace) -> int:
-    from linrec_stream.kafka.broker import LocalBroker
+    from linrec_stream.broker.broker import LocalBroker
 
     res = LocalBroker(settings).start(log=_info)
     if res.already_running:
@@ -248,7 +248,7 @@ def _kafka_start(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _kafka_stop(settings: Settings, args: argparse.Namespace) -> int:
-    from linrec_stream.kafka.broker import LocalBroker
+    from linrec_stream.broker.broker import LocalBroker
 
     res = LocalBroker(settings).stop()
     if not res.was_running:
@@ -261,7 +261,7 @@ def _kafka_stop(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _kafka_status(settings: Settings, args: argparse.Namespace) -> int:
-    from linrec_stream.kafka.broker import LocalBroker
+    from linrec_stream.broker.broker import LocalBroker
 
     status = LocalBroker(settings).status()
     print(status.describe())
@@ -269,7 +269,7 @@ def _kafka_status(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _kafka_check(settings: Settings, args: argparse.Namespace) -> int:
-    from linrec_stream.kafka.roundtrip import roundtrip
+    from linrec_stream.broker.roundtrip import roundtrip
 
     if args.messages < 1:
         raise UsageError("--messages must be >= 1")
@@ -287,7 +287,7 @@ def _kafka_check(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _topics_create(settings: Settings, args: argparse.Namespace) -> int:
-    from linrec_stream.kafka.topics import create_topics
+    from linrec_stream.broker.topics import create_topics
 
     for t in create_topics(settings):
         print(f"{t.name:<24} {t.partitions:>3} partition(s)  {'created' if t.created else 'exists'}")
@@ -303,7 +303,7 @@ def _data_fetch(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _device(settings: Settings, args: argparse.Namespace):
-    from linrec_stream.train import resolve_device
+    from linrec_stream.training.train import resolve_device
 
     try:
         return resolve_device(args.device or settings.device)
@@ -312,9 +312,9 @@ def _device(settings: Settings, args: argparse.Namespace):
 
 
 def _train(settings: Settings, args: argparse.Namespace) -> int:
-    from linrec_stream.experiment import prepare, run_training
+    from linrec_stream.training.experiment import prepare, run_training
     from linrec_stream.model import ModelConfig
-    from linrec_stream.train import TrainConfig
+    from linrec_stream.training.train import TrainConfig
 
     device = _device(settings, args)
     if args.out.exists() and not args.out.is_dir():
@@ -356,7 +356,8 @@ def _init_from(settings: Settings, args: argparse.Namespace, given: dict):
     which shapes no weight, may change)."""
     import dataclasses
 
-    from linrec_stream.experiment import init_from_run, load_run, prepare
+    from linrec_stream.model.run_dir import load_run
+    from linrec_stream.training.experiment import init_from_run, prepare
 
     try:
         parent, vocab = load_run(args.init_from)
@@ -383,7 +384,7 @@ def _retrain(settings: Settings, args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from linrec_stream.retrain import RetrainConfig, parse_duration, retrain_once, run_every
+    from linrec_stream.lifecycle.retrain import RetrainConfig, parse_duration, retrain_once, run_every
 
     every_s = None
     if args.every is not None:
@@ -429,8 +430,9 @@ def _retrain(settings: Settings, args: argparse.Namespace) -> int:
 def _evaluate(settings: Settings, args: argparse.Namespace) -> int:
     import json
 
-    from linrec_stream.evaluate import evaluate, popularity_counts
-    from linrec_stream.experiment import format_metrics, load_run, prepare, remap
+    from linrec_stream.training.evaluate import evaluate, popularity_counts
+    from linrec_stream.model.run_dir import load_run
+    from linrec_stream.training.experiment import format_metrics, prepare, remap
 
     device = _device(settings, args)
     model, vocab = load_run(args.model, device)
@@ -483,7 +485,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
 def _replay(settings: Settings, args: argparse.Namespace) -> int:
     from linrec_stream.data import resolve_data
-    from linrec_stream.replay import ReplayPlan, replay
+    from linrec_stream.lifecycle.replay import ReplayPlan, replay
 
     for name in ("rate", "speed", "limit"):
         value = getattr(args, name)
@@ -544,7 +546,7 @@ def _settings(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _registry(settings: Settings):
-    from linrec_stream.registry import ModelRegistry
+    from linrec_stream.lifecycle.registry import ModelRegistry
 
     return ModelRegistry(settings.path(settings.registry_dir))
 
@@ -610,22 +612,12 @@ def _models_rollback(settings: Settings, args: argparse.Namespace) -> int:
 
 def _announce(settings: Settings, change) -> None:
     """Tell running workers about a registry change; the registry itself is already updated."""
-    from consumers.model_updates import announce
+    from linrec_stream.lifecycle.announce import announce
 
     prev = (change.previous or "none")[:12]
     print(f"{change.action}: {change.version[:12]} is in force (was {prev})")
-    try:
-        announce(settings.bootstrap_servers, settings.topic_model_updates, change)
-    except Exception as exc:
-        raise RuntimeAnnounceError(
-            f"{change.version[:12]} is in force in the registry, but announcing it on "
-            f"{settings.topic_model_updates} failed ({type(exc).__name__}: {exc}); running workers pick it up at "
-            "their next start, or repeat the command once the broker is back") from None
+    announce(settings, change)
     print(f"announced on {settings.topic_model_updates}")
-
-
-class RuntimeAnnounceError(ValueError):
-    """The registry changed but running workers could not be told."""
 
 
 def _quickstart(settings: Settings, args: argparse.Namespace) -> int:
@@ -654,7 +646,7 @@ def _fail(message: str, detail: str = "") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from linrec_stream.kafka.errors import KafkaSetupError
+    from linrec_stream.broker.errors import KafkaSetupError
 
     parser = build_parser()
     try:
@@ -676,7 +668,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except _expected_runtime_errors() as exc:
         # Our own errors read as sentences; a library's keeps its type name for context.
-        own = isinstance(exc, (FileNotFoundError, ValueError))
+        own = isinstance(exc, (FileNotFoundError, ValueError)) or type(exc).__name__ == "AnnounceError"
         _fail(str(exc) if own else f"{type(exc).__name__}: {exc}")
         return 1
 
@@ -685,9 +677,10 @@ def _expected_runtime_errors() -> tuple[type[BaseException], ...]:
     from kafka.errors import KafkaError
 
     from linrec_stream.data import DataError
+    from linrec_stream.lifecycle.announce import AnnounceError
 
     # An unreachable or failing broker, a file that cannot be read, bad data: one line, no traceback.
-    return (KafkaError, OSError, DataError, ValueError)
+    return (KafkaError, OSError, DataError, ValueError, AnnounceError)
 
 
 if __name__ == "__main__":

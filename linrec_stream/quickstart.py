@@ -44,8 +44,9 @@ class QuickstartOptions:
 
 
 def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) -> int:
-    from linrec_stream.kafka.broker import LocalBroker
-    from linrec_stream.kafka.topics import create_topics
+    from linrec_stream.broker.broker import LocalBroker
+    from linrec_stream.broker.topics import create_topics, delete_topics
+    from linrec_stream.contracts.topics import stream_topics
 
     t_start = time.monotonic()
     home = settings.path(settings.runtime_dir) / "quickstart"
@@ -67,7 +68,7 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
     )
     worker = None
     try:
-        _recreate_topics(qs)
+        delete_topics(qs, stream_topics(qs))
         create_topics(qs)
         from linrec_stream.data import resolve_data
 
@@ -84,7 +85,7 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         worker = _start_worker(qs, home / "worker.log")
         log(f"[4/{steps}] worker started (pid {worker.pid}, log {home / 'worker.log'})")
 
-        from linrec_stream.replay import ReplayPlan, ordered_events, replay
+        from linrec_stream.lifecycle.replay import ReplayPlan, ordered_events, replay
 
         _, _, ts = ordered_events(ReplayPlan(path, qs.topic_interactions))
         cut = float(ts[int(len(ts) * opts.warm_fraction)])
@@ -122,29 +123,12 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
             log("stopped the Kafka broker this run started")
 
 
-def _recreate_topics(s: Settings) -> None:
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-    try:
-        names = [s.topic_interactions, s.topic_recommendations, s.topic_dead_letter, s.topic_state_changelog]
-        existing = [n for n in names if n in set(admin.list_topics())]
-        if existing:
-            admin.delete_topics(existing)
-            deadline = time.monotonic() + 30
-            while set(existing) & set(admin.list_topics()) and time.monotonic() < deadline:
-                time.sleep(0.3)
-            time.sleep(1.0)  # let deletion settle before recreating the same names
-    finally:
-        admin.close()
-
-
 def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Log) -> None:
     import torch
 
-    from linrec_stream.experiment import prepare, run_training
+    from linrec_stream.training.experiment import prepare, run_training
     from linrec_stream.model import ModelConfig
-    from linrec_stream.train import TrainConfig, resolve_device
+    from linrec_stream.training.train import TrainConfig, resolve_device
 
     log(f"      no model yet: training a small LinRec with decay ({epochs} epochs; `linrec-stream train` makes better ones)")
     prepared = prepare(str(path), settings.path(settings.data_dir), log=log)
@@ -157,7 +141,7 @@ def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Lo
 
 def _fresh_registry(s: Settings, model_dir: Path) -> str:
     """A private registry holding only ``model_dir``'s model, in force; returns its version."""
-    from linrec_stream.registry import ModelRegistry
+    from linrec_stream.lifecycle.registry import ModelRegistry
 
     if s.registry_dir.exists():
         shutil.rmtree(s.registry_dir)
@@ -171,8 +155,8 @@ def _lifecycle(s: Settings, worker_log: Path, log: Log) -> str:
     """One retraining round on the archive; if published, wait for the worker's hot swap."""
     import re
 
-    from linrec_stream.retrain import RetrainConfig, retrain_once
-    from linrec_stream.train import resolve_device
+    from linrec_stream.lifecycle.retrain import RetrainConfig, retrain_once
+    from linrec_stream.training.train import resolve_device
 
     log("[7/7] model lifecycle: one retraining round on the event archive (warm start from the model in "
         "force, 1 epoch), publish if not worse, hot swap in the running worker")

@@ -163,16 +163,6 @@ class Settings:
 
     # --- derived values -------------------------------------------------------------------
     @property
-    def topics(self) -> dict[str, int]:
-        """Project topic name -> partition count."""
-        return {
-            self.topic_interactions: self.interactions_partitions,
-            self.topic_recommendations: self.recommendations_partitions,
-            self.topic_dead_letter: self.dead_letter_partitions,
-            self.topic_model_updates: 1,
-        }
-
-    @property
     def local_bootstrap(self) -> str:
         return f"127.0.0.1:{self.kafka_port}"
 

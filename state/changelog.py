@@ -39,6 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from linrec_stream.contracts.topics import COMPACTED
 from state.record import RecordError, UserRecord
 from state.store import StateStore
 
@@ -85,7 +86,7 @@ class Changelog:
             try:
                 admin.create_topics(
                     {self.topic: {"num_partitions": partitions, "replication_factor": 1,
-                                  "configs": {"cleanup.policy": "compact"}}},
+                                  "configs": dict(COMPACTED)}},
                     timeout_ms=timeout_ms, wait_for_metadata=True,
                 )
                 return

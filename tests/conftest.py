@@ -36,7 +36,7 @@ def settings() -> Settings:
 @pytest.fixture(scope="session")
 def broker(settings: Settings):
     """The running local broker's Settings. Fails (never skips) when it cannot be started."""
-    from linrec_stream.kafka.broker import LocalBroker
+    from linrec_stream.broker.broker import LocalBroker
 
     local = LocalBroker(settings)
     started = local.start(log=lambda m: None)

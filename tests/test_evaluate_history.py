@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from linrec_stream.evaluate import EvalSet, batch_ranges, evaluate
-from linrec_stream.metrics import RankingMetrics, exclude_history, full_ranks
+from linrec_stream.training.evaluate import EvalSet, batch_ranges, evaluate
+from linrec_stream.training.metrics import RankingMetrics, exclude_history, full_ranks
 from linrec_stream.model import LinRecModel, ModelConfig
 
 ITEMS = 30

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from consumers.events import Interaction, Limits, Recommendation, Rejected, Source, encode_event, parse_event
+from linrec_stream.contracts.events import Interaction, Limits, Recommendation, Rejected, Source, encode_event, parse_event
 
 SRC = Source("interactions", 2, 41, 1_700_000_000_000)
 NOW = 1_800_000_000.0

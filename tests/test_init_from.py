@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from linrec_stream.experiment import init_from_run, load_run, prepare
-from linrec_stream.warm_start import ITEM_EMBEDDING
+from linrec_stream.model.run_dir import load_run
+from linrec_stream.training.experiment import init_from_run, prepare
+from linrec_stream.training.warm_start import ITEM_EMBEDDING
 from tests.conftest import run_cli
 from tests.test_train import write_cycle_csv
 
@@ -33,7 +34,7 @@ def test_warm_start_keeps_every_weight_and_item_id_and_adds_rows_for_new_items(t
     child_log = write_cycle_csv(tmp_path / "b.csv", users=120, length=12, seed=2)
     prepared = prepare(str(child_log), tmp_path, log=_quiet, base_vocab=parent_vocab)
     vocab = prepared.split.data.vocab
-    assert vocab[: len(parent_vocab)] == parent_vocab and len(vocab) > len(parent_vocab)
+    assert vocab[: len(parent_vocab)] == list(parent_vocab.items) and len(vocab) > len(parent_vocab)
 
     mc, init = init_from_run(tmp_path / "parent", parent, parent_vocab, prepared, seed=7, log=_quiet)
     assert mc.num_items == len(vocab) - 1

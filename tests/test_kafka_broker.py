@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from linrec_stream.kafka.broker import new_cluster_id
-from linrec_stream.kafka.roundtrip import roundtrip
-from linrec_stream.kafka.topics import create_topics
+from linrec_stream.broker.broker import new_cluster_id
+from linrec_stream.broker.roundtrip import roundtrip
+from linrec_stream.broker.topics import create_topics
 from linrec_stream.settings import Settings
 from tests.conftest import free_port, run_cli
 
@@ -148,7 +148,7 @@ def test_broker_not_ready_in_time_is_reported_and_cleaned_up(own_broker):
 def test_stop_kills_a_broker_that_does_not_shut_down(own_broker):
     import signal
 
-    from linrec_stream.kafka.broker import LocalBroker
+    from linrec_stream.broker.broker import LocalBroker
 
     s = Settings.load(env={**os.environ, **own_broker})
     broker = LocalBroker(s)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from linrec_stream.metrics import (
+from linrec_stream.training.metrics import (
     RankingMetrics,
     exclude_history,
     full_ranks,

@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from linrec_stream.model import LinRecModel, ModelConfig, UserState
-from linrec_stream.ops import StreamingUnsupported
-from linrec_stream.user_state import HEADER_SIZE, StateFormatError, StateMismatchError
+from linrec_stream.model.ops import StreamingUnsupported
+from linrec_stream.model.user_state import HEADER_SIZE, StateFormatError, StateMismatchError
 
 STREAMABLE = ["linrec", "linrec_decay", "linrec_seqnorm", "linear", "softmax"]
 TOL = {torch.float64: 1e-6, torch.float32: 1e-4}

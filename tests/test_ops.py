@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.overrides import TorchFunctionMode
 
-from linrec_stream.ops import (
+from linrec_stream.model.ops import (
     OPS,
     KVCache,
     LinearState,
@@ -261,7 +261,7 @@ def test_chunked_form_never_builds_a_state_per_event():
 
 
 def test_auto_form_follows_the_crossover(monkeypatch):
-    import linrec_stream.ops.kernels as kernels
+    import linrec_stream.model.ops.kernels as kernels
 
     calls = []
     monkeypatch.setattr(kernels, "masked_form", lambda *a: calls.append("masked") or (a[0], None))

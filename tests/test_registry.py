@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.registry import Change, ModelRegistry, RegistryError, previous_version
+from linrec_stream.lifecycle.registry import Change, ModelRegistry, RegistryError, previous_version
 from tests.conftest import run_cli
 
 

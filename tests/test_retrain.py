@@ -18,18 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from consumers.events import encode_event
-from consumers.model_updates import Announcement
-from linrec_stream import retrain as retrain_mod
-from linrec_stream.archive import read_archive
+from linrec_stream.contracts.events import encode_event
+from linrec_stream.contracts.model_updates import Announcement
+from linrec_stream.lifecycle import retrain as retrain_mod
+from linrec_stream.lifecycle.archive import read_archive
 from linrec_stream.cli import main
 from linrec_stream.data import PAD, Interactions, build_sequences
-from linrec_stream.evaluate import EvalSet, evaluate
-from linrec_stream.experiment import load_run
-from linrec_stream.kafka.topics import create_topics, private_env
+from linrec_stream.training.evaluate import EvalSet, evaluate
+from linrec_stream.model.run_dir import load_run
+from linrec_stream.broker.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.registry import ModelRegistry
-from linrec_stream.retrain import (
+from linrec_stream.lifecycle.registry import ModelRegistry
+from linrec_stream.lifecycle.retrain import (
     RetrainConfig,
     RetrainError,
     ScratchModel,
@@ -38,7 +38,7 @@ from linrec_stream.retrain import (
     run_every,
 )
 from linrec_stream.settings import Settings
-from linrec_stream.warm_start import grow_vocab, remap_items, warm_start_weights
+from linrec_stream.training.warm_start import grow_vocab, remap_items, warm_start_weights
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.kafka
@@ -231,7 +231,7 @@ def test_retrain_grows_vocabulary_with_warm_start(world: World, tmp_path: Path):
     assert f"cold-start items: 15 new since parent {r.parent[:12]}" in log
     cand, vocab = load_run(settings.registry_dir / "versions" / r.version)
     assert cand.config.num_items == CYCLE + 15
-    assert vocab[:len(parent_vocab)] == parent_vocab and vocab[len(parent_vocab):] == sorted(new)
+    assert vocab.items[:len(parent_vocab)] == parent_vocab.items and list(vocab.items[len(parent_vocab):]) == sorted(new)
     assert {k: v for k, v in cand.config.to_dict().items() if k != "num_items"} == \
         {k: v for k, v in parent_model.config.to_dict().items() if k != "num_items"}
     emb, old = cand.item_embedding.weight.detach(), parent_model.item_embedding.weight.detach()

@@ -2,13 +2,17 @@ from pathlib import Path
 
 import pytest
 
+from linrec_stream.contracts.topics import project_topics
 from linrec_stream.settings import Settings, SettingsError
 
 
 def test_defaults_point_at_the_local_broker():
     s = Settings.load(env={})
     assert s.bootstrap_servers == "127.0.0.1:9092" == s.local_bootstrap
-    assert s.topics == {"interactions": 4, "recommendations": 4, "interactions-dlq": 1, "model-updates": 1}
+    topics = {t.name: (t.partitions, dict(t.configs)) for t in project_topics(s)}
+    assert topics == {"interactions": (4, {"retention.ms": "-1"}), "recommendations": (4, {}),
+                      "interactions-dlq": (1, {}), "model-updates": (1, {"cleanup.policy": "compact"}),
+                      "user-state-changelog": (4, {"cleanup.policy": "compact"})}
 
 
 def test_layers_file_then_env_then_flags(tmp_path: Path):

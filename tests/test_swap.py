@@ -18,10 +18,10 @@ import pytest
 import torch
 
 from consumers.batch import ServingModel, rebuild_batch, rebuild_state
-from consumers.events import encode_event
-from linrec_stream.kafka.topics import create_topics, private_env
+from linrec_stream.contracts.events import encode_event
+from linrec_stream.broker.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.registry import ModelRegistry
+from linrec_stream.lifecycle.registry import ModelRegistry
 from linrec_stream.settings import Settings
 from state.record import UserRecord
 from tests.conftest import run_cli

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from linrec_stream.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
+from linrec_stream.training.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.train import TrainConfig, TrainData, train
+from linrec_stream.training.train import TrainConfig, TrainData, train
 
 NUM_ITEMS = 200
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.events import encode_event
-from linrec_stream.kafka.topics import create_topics, private_env
+from linrec_stream.contracts.events import encode_event
+from linrec_stream.broker.topics import create_topics, private_env
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.settings import Settings
 from state.changelog import Changelog

@@ -36,14 +36,40 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Sequence
+from typing import Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .model import LinRecModel
+
+
+class _ModelConfig(Protocol):
+    attention: str
+    num_layers: int
+    num_heads: int
+
+    @property
+    def head_size(self) -> int: ...
+
+
+class StateOwner(Protocol):
+    """What a state is checked against: a model's config, version, device and dtype.
+
+    Structural (``LinRecModel`` satisfies it), so this module does not import the model: the
+    model imports the state, never the other way round."""
+
+    @property
+    def config(self) -> _ModelConfig: ...
+
+    @property
+    def version(self) -> str: ...
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
 MAGIC = b"LRUS"
 FORMAT_VERSION = 1
@@ -202,7 +228,7 @@ class UserState:
         return header + payload
 
     @staticmethod
-    def from_bytes(blob: bytes, expect_model: LinRecModel | None = None) -> UserState:
+    def from_bytes(blob: bytes, expect_model: StateOwner | None = None) -> UserState:
         """Reads ``to_bytes`` output. Raises ``StateFormatError`` on anything malformed.
 
         expect_model: if given, the state must come from this model (same version id, variant
@@ -265,7 +291,7 @@ class UserState:
             state = state.to(expect_model.device, expect_model.dtype)
         return state
 
-    def check_model(self, model: LinRecModel, version: str | None = None) -> None:
+    def check_model(self, model: StateOwner, version: str | None = None) -> None:
         """Raises ``StateMismatchError`` unless this state was produced by ``model``
         (``version``: the model's version id if the caller has it at hand)."""
         cfg = model.config

@@ -22,8 +22,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Callable
 
-from linrec_stream.kafka import artifacts
-from linrec_stream.kafka.errors import KafkaSetupError
+from linrec_stream.broker import artifacts
+from linrec_stream.broker.errors import KafkaSetupError
 from linrec_stream.settings import Settings
 
 MIN_JAVA = 17
@@ -156,7 +156,7 @@ class LocalBroker:
         p = self.paths
         for d in (p.data, p.logs):
             d.mkdir(parents=True, exist_ok=True)
-        pkg = resources.files("linrec_stream.kafka")
+        pkg = resources.files("linrec_stream.broker")
         props = (
             pkg.joinpath("server.properties").read_text()
             .replace("@PORT@", str(self.settings.kafka_port))

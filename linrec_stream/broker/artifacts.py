@@ -14,7 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from linrec_stream.kafka.errors import KafkaSetupError
+from linrec_stream.broker.errors import KafkaSetupError
 
 # log4j2's SLF4J 2 binding; kafka_2.13 pulls slf4j-api 1.7, which cannot see it, so pin 2.x.
 LOG4J_VERSION = "2.25.3"
@@ -48,7 +48,7 @@ def ensure_broker_jars(cache_dir: Path, version: str, log=print) -> Path:
     if root.exists():
         shutil.rmtree(root)
     root.mkdir(parents=True)
-    template = resources.files("linrec_stream.kafka").joinpath("pom.xml").read_text()
+    template = resources.files("linrec_stream.broker").joinpath("pom.xml").read_text()
     pom = (
         template.replace("@KAFKA_VERSION@", version)
         .replace("@LOG4J_VERSION@", LOG4J_VERSION)

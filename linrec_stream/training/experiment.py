@@ -13,10 +13,11 @@ import numpy as np
 import torch
 
 from linrec_stream.data import LeaveOneOut, build_sequences, leave_one_out, read_interactions, resolve_data
-from linrec_stream.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
+from linrec_stream.training.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.train import TrainConfig, TrainData, train
-from linrec_stream.warm_start import grow_vocab, grown_model, remap_items
+from linrec_stream.model.run_dir import Vocab
+from linrec_stream.training.train import TrainConfig, TrainData, train
+from linrec_stream.training.warm_start import grow_vocab, grown_model, remap_items
 
 Log = Callable[[str], None]
 
@@ -34,7 +35,7 @@ class Prepared:
 
 
 def prepare(spec: str, data_dir: Path, skip_malformed: bool = False, log: Log = print,
-            base_vocab: list[str] | None = None) -> Prepared:
+            base_vocab: Vocab | None = None) -> Prepared:
     """Resolve (fetching if needed), read, order and split a data set.
 
     ``base_vocab``: item ids to keep (a model's vocabulary, to start from it); the data's other
@@ -70,15 +71,15 @@ class InitFrom:
     source: dict  # recorded in meta.json: the run directory and its model version
 
 
-def init_from_run(model_dir: Path, parent: LinRecModel, vocab: list[str], prepared: Prepared, seed: int,
+def init_from_run(model_dir: Path, parent: LinRecModel, vocab: Vocab, prepared: Prepared, seed: int,
                   log: Log = print) -> tuple[ModelConfig, InitFrom]:
     """The architecture and initial weights of a run that starts from ``parent``, the best model
-    of ``model_dir`` with its item ``vocab`` (as ``load_run`` gives them).
+    of ``model_dir`` with its item ``vocab`` (as ``run_dir.load_run`` gives them).
 
     ``prepared`` must have been prepared with ``vocab`` as ``base_vocab``, so its items keep their
     ids; items the model does not know get fresh rows."""
     num_items = prepared.split.data.num_items
-    if prepared.split.data.vocab[: len(vocab)] != vocab:
+    if prepared.split.data.vocab[: len(vocab)] != list(vocab.items):
         raise ValueError(f"the data was not prepared with {model_dir}'s vocabulary")
     mc, weights = grown_model(parent, num_items, seed)
     log(f"starting from {model_dir} (version {parent.version[:12]}, {parent.config.attention}, "
@@ -113,28 +114,14 @@ def run_training(
     return metrics
 
 
-def load_run(model_dir: Path, device: torch.device | str = "cpu") -> tuple[LinRecModel, list[str]]:
-    """The best model of a run directory and its item vocabulary."""
-    ckpt, vocab_file = model_dir / "model.pt", model_dir / "vocab.json"
-    for f in (ckpt, vocab_file):
-        if not f.exists():
-            raise FileNotFoundError(f"{model_dir} is not a trained model directory: {f.name} is missing")
-    model = LinRecModel.load(ckpt, map_location=device)
-    vocab = json.loads(vocab_file.read_text())["items"]
-    if len(vocab) != model.config.num_items + 1:
-        raise ValueError(f"{vocab_file} has {len(vocab) - 1} items, the model {model.config.num_items}")
-    return model, vocab
-
-
-def remap(split: LeaveOneOut, vocab: list[str], which: str) -> tuple[EvalSet, int]:
+def remap(split: LeaveOneOut, vocab: Vocab, which: str) -> tuple[EvalSet, int]:
     """The ``which`` users of ``split`` in the model's item ids. Items the model does not know
     are dropped from histories; users whose target it does not know are skipped (counted)."""
     data_vocab = split.data.vocab
     es = eval_set(split, which)
-    if data_vocab == vocab:
+    if data_vocab == list(vocab.items):
         return es, 0
-    index = {s: k for k, s in enumerate(vocab) if k > 0}
-    to_model = np.array([index.get(s, 0) for s in data_vocab], dtype=np.int64)
+    to_model = np.array([vocab.index.get(s, 0) for s in data_vocab], dtype=np.int64)
     inputs, targets, skipped = [], [], 0
     for seq, t in zip(es.inputs, es.targets):
         if to_model[t] == 0:

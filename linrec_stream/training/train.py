@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from linrec_stream.evaluate import HISTORIES, EvalSet, batch_ranges, evaluate, left_pad
+from linrec_stream.training.evaluate import HISTORIES, EvalSet, batch_ranges, evaluate, left_pad
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.ops import OPS
+from linrec_stream.model.run_dir import MODEL_FILE, Vocab, load_run, save_run
+from linrec_stream.model.ops import OPS
 
 
 @dataclass(frozen=True)
@@ -198,9 +199,10 @@ def train(
         start_epoch, hist = _load_last(out, model, opt, model_config, train_config)
         log(f"resuming after epoch {start_epoch} (best so far: epoch {hist.best_epoch + 1}, "
             f"NDCG@10 {hist.best_ndcg:.4f})")
-    (out / "vocab.json").write_text(json.dumps({"items": data.vocab}))
-    if hist.best_epoch < 0 and not (out / "model.pt").exists():
-        model.save(out / "model.pt")  # so a run interrupted in epoch 1 still leaves a loadable model
+    vocab = Vocab.of(data.vocab)
+    vocab.save(out)
+    if hist.best_epoch < 0 and not (out / MODEL_FILE).exists():
+        save_run(out, model, vocab)  # so a run interrupted in epoch 1 still leaves a loadable model
 
     started = time.monotonic()
     budget_s = None if train_config.max_minutes is None else 60.0 * train_config.max_minutes
@@ -237,7 +239,7 @@ def train(
         improved = valid["ndcg@10"] > hist.best_ndcg
         if improved:
             hist.best_ndcg, hist.best_epoch, hist.bad_epochs = valid["ndcg@10"], epoch, 0
-            model.save(out / "model.pt")
+            save_run(out, model, vocab)
         else:
             hist.bad_epochs += 1
         log(f"epoch {epoch + 1:>3}  loss {row['loss']:.4f}  valid HR@10 {valid['hr@10']:.4f} "
@@ -253,7 +255,7 @@ def train(
         plot_curves(hist, out / "curves.png")
     if hist.bad_epochs >= train_config.patience:
         log(f"early stop: no better validation NDCG@10 for {train_config.patience} epochs")
-    best = LinRecModel.load(out / "model.pt", map_location=device)
+    best, _ = load_run(out, device)
     return best, hist
 
 

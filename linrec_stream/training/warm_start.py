@@ -12,12 +12,13 @@ from torch import Tensor
 
 from linrec_stream.data import PAD, SequenceData
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.train import seed_everything
+from linrec_stream.model.run_dir import Vocab
+from linrec_stream.training.train import seed_everything
 
 ITEM_EMBEDDING = "item_embedding.weight"
 
 
-def grow_vocab(parent_vocab: list[str], data_vocab: list[str]) -> list[str]:
+def grow_vocab(parent_vocab: Vocab | list[str], data_vocab: list[str]) -> list[str]:
     """The parent's vocabulary unchanged (same ids, same order), then the items of ``data_vocab``
     it does not know, sorted. Index 0 stays padding."""
     known = set(parent_vocab[1:])
@@ -29,7 +30,7 @@ def remap_items(data: SequenceData, vocab: list[str]) -> SequenceData:
     """``data`` with its item ids rewritten into ``vocab`` (which must hold every item of it)."""
     if vocab == data.vocab:
         return data
-    index = {s: k for k, s in enumerate(vocab) if k > 0}
+    index = Vocab.of(vocab).index
     missing = [s for s in data.vocab[1:] if s not in index]
     if missing:
         raise ValueError(f"{len(missing)} items of the data are not in the vocabulary, e.g. {missing[0]!r}")

@@ -2,7 +2,7 @@
 
 A user's history before the target is encoded (its last ``max_len`` events, as in training),
 the hidden state at the newest event scores every item, the user's earlier items are excluded,
-and the target's rank gives HR/NDCG/MRR (see :mod:`linrec_stream.metrics`).
+and the target's rank gives HR/NDCG/MRR (see :mod:`linrec_stream.training.metrics`).
 
 ``history="full"`` encodes the whole history instead: what a stream worker's state holds, since
 it has applied every event of the user (positions clamped at ``max_len - 1``). The difference
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from linrec_stream.metrics import (
+from linrec_stream.training.metrics import (
     RankingMetrics,
     exclude_history,
     full_ranks,

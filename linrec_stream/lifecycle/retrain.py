@@ -35,13 +35,15 @@ import torch
 from torch import Tensor
 
 from linrec_stream.data import Interactions, LeaveOneOut, build_sequences, leave_one_out
-from linrec_stream.evaluate import evaluate
-from linrec_stream.experiment import eval_set, format_metrics, load_run, remap
+from linrec_stream.training.evaluate import evaluate
+from linrec_stream.model.run_dir import Vocab, load_run
+from linrec_stream.training.experiment import eval_set, format_metrics, remap
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.registry import Change, ModelRegistry
+from linrec_stream.lifecycle.announce import AnnounceError, announce
+from linrec_stream.lifecycle.registry import Change, ModelRegistry
 from linrec_stream.settings import Settings
-from linrec_stream.train import TrainConfig, TrainData, train
-from linrec_stream.warm_start import grow_vocab, grown_config, grown_model, remap_items
+from linrec_stream.training.train import TrainConfig, TrainData, train
+from linrec_stream.training.warm_start import grow_vocab, grown_config, grown_model, remap_items
 
 Log = Callable[[str], None]
 WORK_DIR = ".work"  # under the registry root: same file system, so registering is a cheap copy
@@ -143,7 +145,7 @@ class RetrainResult:
 # --- data --------------------------------------------------------------------------------------
 def load_events(settings: Settings, config: RetrainConfig, log: Log, progress: bool) -> tuple[Interactions, dict]:
     """The archive, merged with the base log if any; returns the log and its description."""
-    from linrec_stream.archive import read_archive
+    from linrec_stream.lifecycle.archive import read_archive
 
     archive = read_archive(settings, log=log, progress=progress)
     info = archive.describe()
@@ -254,7 +256,7 @@ def decide(candidate: dict[str, float], current: dict[str, float] | None, margin
 
 
 def _load_parent(registry: ModelRegistry, version: str | None,
-                 device: torch.device) -> tuple[LinRecModel | None, list[str] | None]:
+                 device: torch.device) -> tuple[LinRecModel | None, Vocab | None]:
     if version is None:
         return None, None
     try:
@@ -279,7 +281,7 @@ def _candidate_setup(parent: LinRecModel | None, num_items: int, config: Retrain
     return mc, init
 
 
-def _evaluate_parent(parent: LinRecModel, parent_vocab: list[str], split: LeaveOneOut, tc: TrainConfig,
+def _evaluate_parent(parent: LinRecModel, parent_vocab: Vocab, split: LeaveOneOut, tc: TrainConfig,
                      names: Iterable[str]) -> tuple[dict[str, float], int]:
     """The parent's metrics on the test users, over all of them: histories are mapped into its
     vocabulary (unknown items dropped) and a user whose target it does not know is a miss (it
@@ -295,16 +297,11 @@ def _evaluate_parent(parent: LinRecModel, parent_vocab: list[str], split: LeaveO
 def _announce(settings: Settings, change: Change, log: Log) -> bool:
     """Announce a promotion. CURRENT.json is the source of truth: a failed announcement only
     means workers pick the version up at their next start, so it is reported, not raised."""
-    from kafka.errors import KafkaError
-
-    from consumers.model_updates import announce
-
     try:
-        announce(settings.bootstrap_servers, settings.topic_model_updates, change)
+        announce(settings, change)
         return True
-    except KafkaError as exc:
-        log(f"retrain: warning: {change.version[:12]} is current but announcing it on "
-            f"{settings.topic_model_updates!r} failed ({type(exc).__name__}: {exc}); workers see it at their next start")
+    except AnnounceError as exc:
+        log(f"retrain: warning: {exc}")
         return False
 
 

@@ -1,9 +1,12 @@
-"""Create the project's topics, idempotently."""
+"""Create and delete the project's topics (the catalogue is ``contracts.topics``)."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Iterable
+
+from linrec_stream.contracts.topics import Topic, project_topics
 
 from linrec_stream.settings import Settings
 
@@ -15,39 +18,49 @@ class TopicOutcome:
     created: bool  # False: it existed already (its partition count is reported as found)
 
 
-def topic_configs(settings: Settings) -> dict[str, dict[str, str]]:
-    """Per-topic broker configs. Interactions are kept as long as retraining needs them;
-    model announcements are compacted to the newest per key."""
-    return {
-        settings.topic_interactions: {"retention.ms": str(settings.interactions_retention_ms)},
-        settings.topic_model_updates: {"cleanup.policy": "compact"},
-    }
-
-
 def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[TopicOutcome]:
-    """Create every project topic that does not exist; leave existing ones untouched."""
+    """Create every project topic (``contracts.topics.project_topics``) that does not exist;
+    leave existing ones untouched."""
     from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
+    topics = project_topics(settings)
     admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = set(admin.list_topics())
-        configs = topic_configs(settings)
-        wanted = [
-            NewTopic(name, partitions, 1, topic_configs=configs.get(name, {}))
-            for name, partitions in settings.topics.items()
-            if name not in existing
-        ]
         created: set[str] = set()
-        for topic in wanted:
+        for t in topics:
+            if t.name in existing:
+                continue
             try:
-                admin.create_topics([topic], timeout_ms=int(timeout_s * 1000))
-                created.add(topic.name)
+                admin.create_topics([NewTopic(t.name, t.partitions, 1, topic_configs=dict(t.configs))],
+                                    timeout_ms=int(timeout_s * 1000))
+                created.add(t.name)
             except TopicAlreadyExistsError:
                 pass  # created concurrently by another process: same outcome
-        found = _partition_counts(admin, list(settings.topics), timeout_s)
-        return [TopicOutcome(name, found.get(name, n), name in created) for name, n in settings.topics.items()]
+        found = _partition_counts(admin, [t.name for t in topics], timeout_s)
+        return [TopicOutcome(t.name, found.get(t.name, t.partitions), t.name in created) for t in topics]
+    finally:
+        admin.close()
+
+
+def delete_topics(settings: Settings, topics: Iterable[Topic], timeout_s: float = 30.0) -> list[str]:
+    """Delete those of ``topics`` that exist and wait until the broker no longer lists them;
+    returns the names deleted."""
+    from kafka import KafkaAdminClient
+
+    names = {t.name for t in topics}
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
+    try:
+        existing = sorted(names & set(admin.list_topics()))
+        if existing:
+            admin.delete_topics(existing)
+            deadline = time.monotonic() + timeout_s
+            while set(existing) & set(admin.list_topics()) and time.monotonic() < deadline:
+                time.sleep(0.3)
+            time.sleep(1.0)  # let deletion settle before the same names are created again
+        return existing
     finally:
         admin.close()
 

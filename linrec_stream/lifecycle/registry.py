@@ -25,10 +25,11 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from linrec_stream.model.run_dir import RESUME_FILE, load_run, missing_files
+
 CARD = "card.json"
 CURRENT = "CURRENT.json"
 HISTORY = "history.jsonl"
-MODEL_FILES = ("model.pt", "vocab.json")  # what a version folder must hold to be served
 
 
 class RegistryError(ValueError):
@@ -125,8 +126,6 @@ class ModelRegistry:
         The version, config and vocabulary size come from the checkpoint itself; ``card`` fills the
         other ModelCard fields (parent, decision, data, metrics, note). Adding a version that is
         already registered keeps the stored one (same id, same weights) and returns its card."""
-        from linrec_stream.experiment import load_run
-
         run_dir = Path(run_dir)
         try:
             model, _ = load_run(run_dir)
@@ -143,7 +142,7 @@ class ModelRegistry:
         tmp = Path(tempfile.mkdtemp(prefix=f".{full.version[:12]}-", dir=self.root / "versions"))
         try:
             for f in run_dir.iterdir():
-                if f.is_file() and f.name not in ("last.pt", CARD):
+                if f.is_file() and f.name not in (RESUME_FILE, CARD):
                     shutil.copy2(f, tmp / f.name)
             (tmp / CARD).write_text(full.to_json())
             os.replace(tmp, target)
@@ -167,9 +166,9 @@ class ModelRegistry:
         return self._set_current(target, "rollback")
 
     def _set_current(self, version: str, action: str) -> Change:
-        for name in MODEL_FILES:
-            if not (self.path(version) / name).is_file():
-                raise RegistryError(f"version {version[:12]} is incomplete: {name} is missing")
+        missing = missing_files(self.path(version))
+        if missing:
+            raise RegistryError(f"version {version[:12]} is incomplete: {', '.join(missing)} missing")
         change = Change(action, version, self.current(), time.time())
         self.root.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.root / CURRENT, json.dumps({"version": version, "since": change.at, "action": action}))

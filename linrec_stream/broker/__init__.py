@@ -1,5 +1,5 @@
 """The local Apache Kafka broker: fetching it from Maven Central, running it, creating topics."""
 
-from linrec_stream.kafka.errors import KafkaSetupError
+from linrec_stream.broker.errors import KafkaSetupError
 
 __all__ = ["KafkaSetupError"]

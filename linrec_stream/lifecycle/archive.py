@@ -6,7 +6,7 @@ fixed when reading starts, and everything from the beginning up to there is read
 produced meanwhile wait for the next round). It uses no consumer group: nothing is committed,
 the stream workers' offsets are untouched, and any number of readers may run at once.
 
-Every message is validated by :func:`consumers.events.parse_event`, exactly as the stream
+Every message is validated by :func:`linrec_stream.contracts.events.parse_event`, exactly as the stream
 workers validate it; malformed ones are skipped and counted (the workers have already sent
 them to the dead-letter topic with the reason).
 """
@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from consumers.events import Interaction, Limits, Source, parse_event
+from linrec_stream.contracts.events import Interaction, Limits, Source, parse_event
 from linrec_stream.data import Interactions
 from linrec_stream.settings import Settings
 

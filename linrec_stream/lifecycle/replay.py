@@ -13,7 +13,7 @@ from typing import Callable
 
 import numpy as np
 
-from consumers.events import encode_event
+from linrec_stream.contracts.events import encode_event
 from linrec_stream.data import read_interactions
 
 

@@ -31,6 +31,7 @@ import json
 import math
 import time
 from dataclasses import dataclass
+from typing import Sequence
 
 FORMAT_VERSION = 1
 MIN_TS = 631_152_000.0  # 1990-01-01: anything earlier is not an interaction of this system
@@ -72,6 +73,19 @@ class Rejected:
         return [("dlq.reason", self.reason.encode()), ("dlq.detail", self.detail.encode()),
                 ("dlq.topic", s.topic.encode()), ("dlq.partition", str(s.partition).encode()),
                 ("dlq.offset", str(s.offset).encode())]
+
+    @classmethod
+    def from_message(cls, key: bytes | None, value: bytes | None,
+                     headers: Sequence[tuple[str, bytes]], kafka_ts_ms: int = -1) -> Rejected:
+        """A dead-letter message read back (the inverse of ``headers``): the original key and
+        value, the reason and where the event was read from. Raises ValueError if the headers
+        are not a dead letter's."""
+        h = {k: v.decode("utf-8", "replace") for k, v in headers}
+        try:
+            source = Source(h["dlq.topic"], int(h["dlq.partition"]), int(h["dlq.offset"]), kafka_ts_ms)
+            return cls(h["dlq.reason"], h.get("dlq.detail", ""), key, value, source)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"not a dead letter: header {exc} missing or malformed") from None
 
 
 @dataclass(frozen=True)
@@ -158,3 +172,27 @@ class Recommendation:
             "ingested_at": s.kafka_ts_ms / 1000 if s.kafka_ts_ms >= 0 else None,
             "produced_at": self.produced_at, "trigger": self.trigger,
         }, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, blob: bytes) -> Recommendation:
+        """A recommendations message read back (the inverse of ``to_bytes``; scores are rounded
+        to 6 decimals there). Raises ValueError on anything that is not one."""
+        try:
+            d = json.loads(blob)
+            if not isinstance(d, dict) or d.get("v") != FORMAT_VERSION:
+                raise ValueError(f"format version {d.get('v') if isinstance(d, dict) else None!r}")
+            src = d["source"]
+            ingested = d.get("ingested_at")
+            source = Source(str(src["topic"]), int(src["partition"]), int(src["offset"]),
+                            -1 if ingested is None else round(float(ingested) * 1000))
+            return cls(user=str(d["user"]), items=[str(i) for i in d["items"]],
+                       scores=[float(x) for x in d["scores"]], model_version=str(d["model_version"]),
+                       source=source, event_id=d.get("event_id"), event_ts=float(d["event_ts"]),
+                       produced_at=float(d["produced_at"]), trigger=str(d.get("trigger", "event")))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"not a recommendation ({exc}): {bytes(blob)[:120]!r}") from None
+
+    @property
+    def ingested_at(self) -> float | None:
+        """The triggering event's Kafka timestamp in epoch seconds (None for a model swap)."""
+        return self.source.kafka_ts_ms / 1000 if self.source.kafka_ts_ms >= 0 else None
