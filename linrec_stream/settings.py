@@ -113,6 +113,12 @@ class Settings:
     )
     summary_every_s: float = _setting(10.0, "worker: seconds between summary log lines", _check_positive)
 
+    def __post_init__(self) -> None:
+        # Every construction path (load, the constructor, replace) is checked the same way, so
+        # no Settings object holds a value that load() would have refused.
+        for f in fields(self):
+            object.__setattr__(self, f.name, _convert(f, getattr(self, f.name), f"setting {f.name}"))
+
     # ---------------------------------------------------------------------------------
     @classmethod
     def names(cls) -> list[str]:
@@ -159,6 +165,10 @@ class Settings:
         return next(f for f in fields(cls) if f.name == name)
 
     def replace(self, **changes: Any) -> "Settings":
+        """A copy with ``changes``, checked like any other settings (SettingsError if wrong)."""
+        unknown = sorted(set(changes) - set(self.names()))
+        if unknown:
+            raise SettingsError(f"unknown setting {unknown[0]!r}")
         return dataclasses.replace(self, **changes)
 
     # --- derived values -------------------------------------------------------------------

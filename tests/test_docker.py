@@ -33,8 +33,12 @@ def test_every_command_parses_with_the_real_cli(compose):
     assert set(services) == {"topics", "worker", "trainer"}
     parser = build_parser()
     for name, service in services.items():
-        args = parser.parse_args(service["command"])  # raises on an unknown subcommand or flag
-        assert callable(args.func), name
+        command = service["command"]
+        args = parser.parse_args(command)  # raises (UsageError) on an unknown subcommand, flag or value
+        # The service runs the command group it names (not, say, a default the parser fell back to).
+        assert args.command == command[0], name
+        if hasattr(args, "action"):
+            assert args.action == command[1], name
 
 
 def test_every_linrec_variable_is_a_known_setting(compose):

@@ -41,8 +41,6 @@ from linrec_stream.settings import Settings
 from linrec_stream.training.warm_start import grow_vocab, remap_items, warm_start_weights
 from tests.conftest import run_cli
 
-pytestmark = pytest.mark.kafka
-
 CPU = torch.device("cpu")
 CYCLE = 100  # items on the cycle the synthetic users walk
 TINY = ScratchModel(hidden_size=32, num_layers=1, num_heads=2, inner_size=64, max_len=16, dropout=0.1)
@@ -139,6 +137,7 @@ def world(broker: Settings, tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 # --- the archive -------------------------------------------------------------------------------
+@pytest.mark.kafka
 def test_archive_round_trip(broker: Settings, tmp_path: Path):
     settings, _ = private_settings(broker, tmp_path / "registry")
     events = cycle_events(40, 15, [f"x{k}" for k in range(30)], seed=3)
@@ -159,6 +158,7 @@ def test_archive_round_trip(broker: Settings, tmp_path: Path):
     assert got.first_ts == min(t for _, _, t in events) and got.last_ts == max(t for _, _, t in events)
 
 
+@pytest.mark.kafka
 def test_empty_topic_is_one_clear_error(broker: Settings, tmp_path: Path):
     settings, env = private_settings(broker, tmp_path / "registry")
     with pytest.raises(RetrainError, match="no events in topic"):
@@ -171,6 +171,7 @@ def test_empty_topic_is_one_clear_error(broker: Settings, tmp_path: Path):
 
 
 # --- publish, grow, reject -------------------------------------------------------------------------
+@pytest.mark.kafka
 def test_first_retrain_publishes_and_announces(world: World):
     r, reg = world.first, ModelRegistry(world.settings.registry_dir)
     assert (r.decision, r.reason, r.parent, r.current) == ("published", "first", None, None)
@@ -215,6 +216,7 @@ def test_vocab_growth_keeps_parent_ids():
     assert [[vocab[i] for i in s] for s in mapped.seqs] == [["d", "a", "c"], ["b"]]
 
 
+@pytest.mark.kafka
 def test_retrain_grows_vocabulary_with_warm_start(world: World, tmp_path: Path):
     settings = world.copy_registry(tmp_path / "registry")
     base = world.settings
@@ -245,6 +247,7 @@ def test_retrain_grows_vocabulary_with_warm_start(world: World, tmp_path: Path):
     assert card.parent == world.first.version and card.data["new_items"] == 15
 
 
+@pytest.mark.kafka
 def test_worse_candidate_is_not_published(world: World, tmp_path: Path):
     settings = world.copy_registry(tmp_path / "registry")
     before = announcements(settings)
@@ -263,6 +266,7 @@ def test_worse_candidate_is_not_published(world: World, tmp_path: Path):
     assert log[-1].startswith(f"retrain: rejected {r.version[:12]}") and "not published" in log[-1]
 
 
+@pytest.mark.kafka
 def test_whole_history_round_trains_and_compares_on_whole_histories(world: World, tmp_path: Path):
     settings = world.copy_registry(tmp_path / "registry")
     cfg = RetrainConfig(epochs=1, lr=3e-3, batch_size=32, seed=3, history="full")

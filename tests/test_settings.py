@@ -67,3 +67,17 @@ def test_file_errors(tmp_path: Path):
     bad.write_text("kafka_port = true\n")
     with pytest.raises(SettingsError, match="expected an integer"):
         Settings.load(config_file=bad, env={})
+
+
+@pytest.mark.parametrize("make", [lambda: Settings(batch_size=-5), lambda: Settings().replace(batch_size=-5),
+                                  lambda: Settings().replace(batch_size="many")])
+def test_every_construction_path_is_checked(make):
+    with pytest.raises(SettingsError, match=r"^setting batch_size: "):
+        make()
+
+
+def test_replace_converts_and_refuses_unknown_names():
+    s = Settings().replace(batch_size="64", data_dir="/tmp/d", kafka_start_timeout_s=3)
+    assert (s.batch_size, s.data_dir, s.kafka_start_timeout_s) == (64, Path("/tmp/d"), 3.0)
+    with pytest.raises(SettingsError, match="unknown setting 'batch_sise'"):
+        Settings().replace(batch_sise=1)

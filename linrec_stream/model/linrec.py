@@ -11,7 +11,7 @@ Architecture (SASRec as in RecBole, with the attention swapped):
     scores = x · item_embᵀ                                         tied output embedding
 LayerNorm eps 1e-12, weights N(0, 0.02), biases 0, as RecBole.
 
-Attention variants (``ModelConfig.attention``; maths in ``linrec_stream/ops``):
+Attention variants (``ModelConfig.attention``; maths in ``linrec_stream/model/ops``):
 ``linrec`` (the official LinRec layer made causal, padding masked), ``linrec_decay`` (``linrec``
 whose state decays by a learned factor γ per head and event, so recent events weigh more and a
 state stays bounded over an unbounded stream), ``linrec_seqnorm`` (the

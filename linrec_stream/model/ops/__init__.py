@@ -32,7 +32,7 @@ from .linear import (
     unit_elu,
 )
 from .softmax import softmax_parallel, softmax_recurrent
-from .states import KVCache, LinearState, empty_kv_cache, empty_linear_state
+from .states import KVCache, LinearState
 
 
 @dataclass(frozen=True)
@@ -96,8 +96,6 @@ __all__ = [
     "OPS",
     "StreamingUnsupported",
     "chunked_form",
-    "empty_kv_cache",
-    "empty_linear_state",
     "masked_form",
     "parallel_form",
     "unit_elu",

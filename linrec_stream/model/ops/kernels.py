@@ -6,7 +6,7 @@ G_t = Σ_{r≤t} g_r (RetNet / gated linear attention with a scalar gate). Every
 nothing overflows; g = None is the undecayed kernel (and its faster path).
 
 All three variants of LinRec/linear attention reduce to this kernel once their feature maps and
-normalisations are applied to q and k (see ``attention.py``), so this is the only place where
+normalisations are applied to q and k (see ``linear.py``), so this is the only place where
 the sum over time is computed.
 
 - ``masked_form``: (q kᵀ ⊙ causal mask) v, an N×N matrix per head. O(N² d) work, O(N²) memory.

@@ -37,35 +37,3 @@ class KVCache(NamedTuple):
     k: Tensor
     v: Tensor
     mask: Tensor
-
-
-def empty_linear_state(
-    batch: int,
-    heads: int,
-    d_k: int,
-    d_v: int,
-    *,
-    with_z: bool,
-    with_n: bool,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> LinearState:
-    """Zero state: what a user who has seen no event holds."""
-    S = torch.zeros(batch, heads, d_k, d_v, dtype=dtype, device=device)
-    z = torch.zeros(batch, heads, d_k, dtype=dtype, device=device) if with_z else None
-    n = torch.zeros(batch, dtype=torch.int64, device=device) if with_n else None
-    return LinearState(S, z, n)
-
-
-def empty_kv_cache(
-    batch: int,
-    heads: int,
-    d: int,
-    *,
-    dtype: torch.dtype = torch.float32,
-    device: torch.device | str | None = None,
-) -> KVCache:
-    """A cache with no slot."""
-    k = torch.zeros(batch, heads, 0, d, dtype=dtype, device=device)
-    mask = torch.zeros(batch, 0, dtype=torch.bool, device=device)
-    return KVCache(k, k.clone(), mask)
