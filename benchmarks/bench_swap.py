@@ -32,7 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from consumers.batch import ServingModel, apply_batch, rebuild_batch  # noqa: E402
+from consumers.batch import apply_batch, rebuild_batch  # noqa: E402
+from consumers.serving import ServingModel  # noqa: E402
 from linrec_stream.contracts.events import Interaction, Source, encode_event  # noqa: E402
 from linrec_stream.model import LinRecModel, ModelConfig  # noqa: E402
 from state.record import UserRecord  # noqa: E402

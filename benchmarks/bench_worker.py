@@ -11,10 +11,10 @@ every micro-batch. Also where the time goes (mean ms per micro-batch, by stage).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
+import sys
 import tempfile
 import threading
 import time
@@ -23,76 +23,31 @@ from pathlib import Path
 
 import torch
 
-from consumers.batch import apply_batch, reencode_batch
-from linrec_stream.contracts.events import encode_event
+from consumers.batch import apply_batch
 from consumers.worker import StreamWorker, WorkerOptions
-from linrec_stream.broker.topics import create_topics
-from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.settings import Settings
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common  # noqa: E402  (benchmarks/_common.py, shared with bench_stream.py)
+from _common import fresh_settings  # noqa: E402
+from reencode import reencode_batch  # noqa: E402  (benchmarks/reencode.py, the stateless baseline)
 
 NUM_ITEMS = 3706
 STAGES = ("poll", "parse", "state_read", "load", "update", "score", "pack", "produce", "state_write")
 
 
 def make_model(attention: str, root: Path) -> Path:
-    torch.manual_seed(0)
-    cfg = ModelConfig(num_items=NUM_ITEMS, hidden_size=64, num_layers=2, num_heads=2, attention=attention,
-                      max_len=200, dropout=0.2)
-    out = root / attention
-    out.mkdir()
-    LinRecModel(cfg).eval().save(out / "model.pt")
-    (out / "vocab.json").write_text(json.dumps({"items": ["<pad>"] + [f"i{i}" for i in range(1, NUM_ITEMS + 1)]}))
-    return out
-
-
-def fresh_settings(base: Settings) -> Settings:
-    tag = uuid.uuid4().hex[:8]
-    s = base.replace(topic_interactions=f"b{tag}-in", topic_recommendations=f"b{tag}-rec",
-                     topic_dead_letter=f"b{tag}-dlq", topic_model_updates=f"b{tag}-m",
-                     topic_state_changelog=f"b{tag}-cl", worker_group=f"b{tag}", metrics_port=0,
-                     summary_every_s=3600.0)
-    create_topics(s)
-    return s
+    return _common.make_model(attention, root, NUM_ITEMS)
 
 
 def produce(s: Settings, n: int, users: int, rate: float | None, seed: int, history: dict) -> None:
-    from kafka import KafkaProducer
-
     rng = random.Random(seed)
-    p = KafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=5)
-    t0 = time.monotonic()
-    for i in range(n):
-        if rate:
-            delay = t0 + i / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        u = f"u{rng.randrange(users)}"
-        k, v = encode_event(u, f"i{rng.randrange(1, NUM_ITEMS + 1)}", 1e9 + i)
-        p.send(s.topic_interactions, key=k, value=v)
-    p.flush()
-    p.close()
+    events = ((f"u{rng.randrange(users)}", f"i{rng.randrange(1, NUM_ITEMS + 1)}") for _ in range(n))
+    _common.produce(s, events, rate)
 
 
 def prefill(state_dir: Path, model_dir: Path, users: int, history: int) -> None:
-    """Give every user ``history`` past events before measuring: a full window to re-encode for
-    the baseline, and the matching state for LinRec (the state's size does not depend on it)."""
-    from consumers.batch import ServingModel
-    from state.record import MAX_PARTITION, UserRecord
-    from state.store import StateStore
-
-    serving = ServingModel.load(model_dir)
-    rng = random.Random(3)
-    with StateStore(state_dir) as store, torch.inference_mode():
-        for start in range(0, users, 100):
-            names = [f"u{i}" for i in range(start, min(users, start + 100))]
-            windows = [[rng.randrange(1, NUM_ITEMS + 1) for _ in range(history)] for _ in names]
-            states = None
-            if serving.model.config.attention != "softmax":
-                _, states = serving.model.encode(torch.tensor(windows))
-            records = [UserRecord(u, states[i].to_bytes() if states is not None else b"", serving.version,
-                                  tuple(f"i{x}" for x in w), history, MAX_PARTITION, 0, None, 1e9)
-                       for i, (u, w) in enumerate(zip(names, windows))]
-            store.commit(records, {})
+    _common.prefill(state_dir, model_dir, users, history, NUM_ITEMS)
 
 
 def run_case(base: Settings, model_dir: Path, apply, batch: int, n: int, users: int, rate: float | None,
@@ -117,7 +72,7 @@ def run_case(base: Settings, model_dir: Path, apply, batch: int, n: int, users: 
     n_batches0 = m.totals["batches"]
     target = warm + n
     if rate is not None:
-        while not worker.consumer.assignment():
+        while not worker.consumer.assigned():
             time.sleep(0.05)
         producer = threading.Thread(target=produce, args=(s, n, users, rate, 2, hist))
         producer.start()

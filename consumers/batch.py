@@ -10,6 +10,10 @@ state is scored once.
 Unknown items (not in the model's vocabulary) are valid events: they enter the user's recent
 window and event count (so the next retraining sees them) but leave the model state unchanged;
 a user whose batch held only unknown items gets no new recommendation from that batch.
+
+``new_events_by_user``, ``new_windows``, ``rank_top_k`` and ``make_recommendation`` are the
+building blocks of any batch function with ``apply_batch``'s signature (``WorkerOptions.apply``;
+the benchmark's re-encoding baseline, benchmarks/reencode.py, is another).
 """
 
 from __future__ import annotations
@@ -17,41 +21,17 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
-from pathlib import Path
-from typing import Iterable, Sequence
 
 import torch
 from torch import Tensor
 
+from consumers.serving import ServingModel
 from linrec_stream.contracts.events import Interaction, Recommendation, Source
-from linrec_stream.model import LinRecModel, StateMismatchError, UserState
-from linrec_stream.model.run_dir import Vocab, load_run
+from linrec_stream.model import StateMismatchError, UserState
 from state.record import UserRecord
 
-
-@dataclass(frozen=True)
-class ServingModel:
-    """A trained model with its item vocabulary, ready to serve (eval mode, no autograd)."""
-
-    model: LinRecModel
-    vocab: Vocab
-    # Computed once: the model's version hashes its weights, far too slow to ask per user.
-    version: str
-    empty: UserState  # a new user's state (a value: stacking copies it)
-
-    @classmethod
-    def load(cls, model_dir: Path, device: torch.device | str = "cpu") -> "ServingModel":
-        return cls.of(*load_run(model_dir, device))
-
-    @classmethod
-    def of(cls, model: LinRecModel, vocab: Vocab | Sequence[str]) -> "ServingModel":
-        model = model.eval()
-        vocab = vocab if isinstance(vocab, Vocab) else Vocab.of(vocab)
-        return cls(model, vocab, model.version, model.init_state(1))
-
-    def ids(self, items: Iterable[str]) -> list[int]:
-        """Model ids of the known items among ``items`` (unknown ones dropped)."""
-        return self.vocab.ids(items)
+__all__ = ["BatchResult", "ServingModel", "apply_batch", "make_recommendation", "new_events_by_user", "new_windows",
+           "rank_top_k", "rebuild_batch", "rebuild_state"]
 
 
 @dataclass
@@ -78,7 +58,7 @@ def apply_batch(
     t0 = time.perf_counter()
     model = serving.model
     result = BatchResult([], [])
-    per_user = _new_events_by_user(stored, events, result)
+    per_user = new_events_by_user(stored, events, result)
     if not per_user:
         return result
     users = list(per_user)
@@ -100,9 +80,9 @@ def apply_batch(
     h_last = h[:, -1]  # newest known event of each user (left padding)
     t2 = time.perf_counter()
 
-    windows = _new_windows(stored, per_user, window)
+    windows = new_windows(stored, per_user, window)
     scored = [row for row, ids in enumerate(new_ids) if ids]
-    top_items = _top_k(serving, h_last, scored, [serving.ids(w) for w in windows], top_k)
+    top_items = rank_top_k(serving, h_last, scored, [serving.ids(w) for w in windows], top_k)
     t3 = time.perf_counter()
 
     produced_at = time.time() if now is None else now
@@ -119,14 +99,14 @@ def apply_batch(
             offset=last.source.offset, event_id=last.event_id, last_ts=last.ts,
         ))
         if row in top_items:
-            result.recommendations.append(_recommendation(
+            result.recommendations.append(make_recommendation(
                 serving, user, top_items[row], last.source, last.event_id, last.ts, produced_at))
     t4 = time.perf_counter()
     result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": t4 - t3}
     return result
 
 
-def _top_k(
+def rank_top_k(
     serving: ServingModel, h_last: Tensor, rows: list[int], seen: list[list[int]], top_k: int
 ) -> dict[int, tuple[list[int], list[float]]]:
     """Top-k item ids and scores for the given rows of h_last (U, D), each row's ``seen`` item
@@ -141,7 +121,7 @@ def _top_k(
     return {row: (idx[j].tolist(), vals[j].tolist()) for j, row in enumerate(rows)}
 
 
-def _recommendation(
+def make_recommendation(
     serving: ServingModel, user: str, top: tuple[list[int], list[float]], source: Source,
     event_id: str | None, event_ts: float, produced_at: float, trigger: str = "event",
 ) -> Recommendation:
@@ -181,7 +161,7 @@ def rebuild_batch(
     h, new_state = _encode_ids(serving, ids)  # (U, R, D)
     t1 = time.perf_counter()
     known = [row for row, x in enumerate(ids) if x]
-    top_items = _top_k(serving, h[:, -1], known, ids, top_k)
+    top_items = rank_top_k(serving, h[:, -1], known, ids, top_k)
     t2 = time.perf_counter()
     produced_at = time.time() if now is None else now
     cpu_state = new_state.to("cpu")
@@ -190,14 +170,14 @@ def rebuild_batch(
         if row in top_items:
             # No event triggered it: the source is the last applied event, with no ingest time.
             src = Source(topic, rec.partition, rec.offset, -1)
-            result.recommendations.append(_recommendation(
+            result.recommendations.append(make_recommendation(
                 serving, rec.user, top_items[row], src, rec.event_id, rec.last_ts, produced_at, "model_swap"))
     result.rebuilt = len(stale)
     result.timings = {"update": t1 - t0, "score": t2 - t1, "pack": time.perf_counter() - t2}
     return result
 
 
-def _new_events_by_user(
+def new_events_by_user(
     stored: dict[str, UserRecord], events: list[Interaction], result: BatchResult
 ) -> OrderedDict[str, list[Interaction]]:
     """Each user's events in stream order, without those their stored record already holds
@@ -212,7 +192,7 @@ def _new_events_by_user(
     return per_user
 
 
-def _new_windows(
+def new_windows(
     stored: dict[str, UserRecord], per_user: OrderedDict[str, list[Interaction]], window: int
 ) -> list[tuple[str, ...]]:
     """Each user's recent external item ids (oldest first, at most ``window``) after this batch."""
@@ -247,47 +227,3 @@ def _encode_ids(serving: ServingModel, ids: list[list[int]]) -> tuple[Tensor, Us
 def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
     """The state this model reaches from an empty history by applying ``window``'s known items."""
     return _encode_ids(serving, [serving.ids(window)])[1]
-
-
-@torch.inference_mode()
-def reencode_batch(
-    serving: ServingModel,
-    stored: dict[str, UserRecord],
-    events: list[Interaction],
-    top_k: int,
-    window: int,
-    now: float | None = None,
-) -> BatchResult:
-    """The baseline a user would otherwise run: no state, each touched user's last ``window``
-    items re-encoded from scratch (e.g. with softmax SASRec) on every micro-batch. Same inputs
-    and outputs as :func:`apply_batch`, so the worker can run either; used by the benchmark."""
-    t0 = time.perf_counter()
-    model = serving.model
-    result = BatchResult([], [])
-    per_user = _new_events_by_user(stored, events, result)
-    users = list(per_user)
-    if not users:
-        return result
-    windows = _new_windows(stored, per_user, window)
-    ids = [serving.ids(w) or [0] for w in windows]
-    n = max(len(x) for x in ids)
-    seq = torch.zeros(len(users), n, dtype=torch.int64)
-    for row, x in enumerate(ids):
-        seq[row, n - len(x):] = torch.tensor(x)
-    t1 = time.perf_counter()
-    h_last = model(seq.to(model.device))[:, -1]  # (U, D)
-    t2 = time.perf_counter()
-    top_items = _top_k(serving, h_last, list(range(len(users))), ids, top_k)
-    t3 = time.perf_counter()
-    produced_at = time.time() if now is None else now
-    for row, user in enumerate(users):
-        evs, rec = per_user[user], stored.get(user)
-        last = evs[-1]
-        result.applied += len(evs)
-        result.records.append(UserRecord(user, b"", serving.version, windows[row],
-                                         (rec.events if rec else 0) + len(evs), last.source.partition,
-                                         last.source.offset, last.event_id, last.ts))
-        result.recommendations.append(_recommendation(
-            serving, user, top_items[row], last.source, last.event_id, last.ts, produced_at))
-    result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": time.perf_counter() - t3}
-    return result

@@ -1,13 +1,23 @@
 """A stream worker's metrics: Prometheus series (one registry per worker, no globals) plus the
-figures of the periodic summary log line."""
+figures of the periodic summary log line.
+
+An observer: the worker feeds it what happened (``observe_batch_result`` after every committed
+micro-batch and sweep step, ``observe_model`` on a swap, ``observe_lag``) and never touches
+the series itself."""
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+if TYPE_CHECKING:
+    from consumers.batch import BatchResult
+    from linrec_stream.contracts.events import Rejected
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _STAGE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -62,6 +72,49 @@ class WorkerMetrics:
         self.totals["batches"] += 1
         self._events_since += events
         self._batches_since += 1
+
+    def observe_batch_result(self, result: BatchResult, rejected: Sequence[Rejected] = (),
+                             stages: Mapping[str, float] | None = None, consumed: int | None = None) -> None:
+        """A committed batch: a micro-batch of ``consumed`` records (events and malformed ones),
+        or a sweep step after a model swap (``consumed`` None: no input, no batch counted).
+        ``stages``: seconds per stage. End-to-end latency is observed for recommendations an
+        event triggered (a model swap's have no ingest time)."""
+        if consumed is not None:
+            self.observe_batch(consumed)
+        for stage, secs in (stages or {}).items():
+            self.observe_stage(stage, secs)
+        now = time.time()
+        for rec in result.recommendations:
+            if rec.ingested_at is not None:
+                self.observe_latency(max(0.0, now - rec.ingested_at))
+        self.events.labels("applied").inc(result.applied)
+        self.events.labels("duplicate").inc(result.duplicates)
+        self.events.labels("unknown_item").inc(result.unknown_items)
+        self.recommendations.inc(len(result.recommendations))
+        self.rebuilt.inc(result.rebuilt)
+        for rej in rejected:
+            self.dead_letters.labels(rej.reason).inc()
+        self.totals["events"] += result.applied
+        self.totals["duplicates"] += result.duplicates
+        self.totals["unknown_items"] += result.unknown_items
+        self.totals["recommendations"] += len(result.recommendations)
+        self.totals["dead_letters"] += len(rejected)
+
+    def observe_model(self, version: str, previous: str | None = None) -> None:
+        """``version`` is served from now on; ``previous`` (a swap) no longer."""
+        if previous is not None:
+            self.model_info.labels(previous).set(0)
+            self.swaps.inc()
+        self.model_info.labels(version).set(1)
+
+    def observe_swap_complete(self, seconds_since_announcement: float) -> None:
+        self.swap_seconds.set(seconds_since_announcement)
+
+    def observe_lag(self, per_partition: Mapping[int, int]) -> int:
+        """Records not yet consumed, per held partition; returns the total."""
+        for partition, lag in per_partition.items():
+            self.lag.labels(str(partition)).set(lag)
+        return sum(per_partition.values())
 
     def latency_quantiles(self) -> tuple[float, float]:
         """(p50, p99) in seconds over the recent window; NaN when empty."""

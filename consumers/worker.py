@@ -6,37 +6,49 @@ the worker must seek each partition to the offset its local store says, which fa
 (changelog written per key, offsets committed separately; ``exactly_once`` only with aiokafka
 and with open duplicate reports) do not give. See README "Stream worker".
 
+This module is the loop; its parts are each in their own module:
+
+* consumers/transport.py: what it needs of a Kafka client (kafka_transport.py: on kafka-python);
+* consumers/batch.py: ``apply_batch``, the micro-batch as a pure function;
+* consumers/checkpoint.py: the commit protocol, the one way any state change is committed;
+* consumers/swap.py: the model served, hot swaps and the sweep that rebuilds stale states;
+* consumers/metrics.py: the Prometheus series and the summary line, fed each batch's result.
+
 Per micro-batch (up to ``batch_size`` events or ``batch_ms`` after the first one):
 
 1. validate every message; malformed ones are routed to the dead-letter topic;
-2. ``apply_batch``: per user, in order, apply the new events on top of the stored state;
-3. produce recommendations, dead letters and changelog records, and flush;
-4. commit the new states and every partition's next offset to rocksdict in one write batch;
-5. commit the consumer group's offsets (used only when another machine restores from the
-   changelog).
+2. ``apply_batch``: per user, the new events (those after the user's stored offset) applied in
+   one ``model.encode`` call from the stored state; each touched user's newest state scored;
+3. ``Checkpoint.commit``: produce recommendations, dead letters and changelog records and
+   flush; commit the new states and every partition's next offset to rocksdict in one write
+   batch; commit the consumer group's offsets (used only when another machine restores from
+   the changelog).
 
-A crash before 4 re-delivers the batch (recommendations and dead letters may repeat: they are
-at-least-once); a crash after 4 resumes behind it. Either way every event affects its user's
-state exactly once: the store's offsets say where to resume, and an event at or below a user's
-stored offset is skipped.
+A crash before the store commit re-delivers the batch (recommendations and dead letters may
+repeat: they are at-least-once); a crash after it resumes behind it. Either way every event
+affects its user's state exactly once: the store's offsets say where to resume, and an event at
+or below a user's stored offset is skipped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from consumers.batch import BatchResult, ServingModel, apply_batch, rebuild_batch
-from linrec_stream.contracts.events import Interaction, Limits, Rejected, Source, parse_event
+from consumers.batch import apply_batch
+from consumers.checkpoint import Checkpoint
 from consumers.metrics import WorkerMetrics
-from consumers.model_updates import UpdateFollower
+from consumers.serving import ServingModel
+from consumers.swap import ModelSwaps
+from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource
+from linrec_stream.contracts.events import Interaction, Limits, Rejected, Source, parse_event
 from linrec_stream.lifecycle.registry import ModelRegistry, RegistryError
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
@@ -54,130 +66,121 @@ class WorkerOptions:
     batch_size: int
     batch_ms: int
     device: str = "cpu"
-    # The batch function: apply_batch (state updates); reencode_batch is the benchmark's baseline.
+    # The batch function: apply_batch (state updates), or another with its signature (the
+    # benchmark's stateless re-encoding baseline, benchmarks/reencode.py).
     apply: Callable = apply_batch
     swap_batch: int = 512  # users rebuilt per step of the background sweep after a model swap
 
 
 @dataclass
-class Sweep:
-    """The background rebuild after a model swap (or of partitions just assigned): which
-    partitions are still to visit and the users left in the current one."""
+class WorkerParts:
+    """Everything a worker works with. ``build_parts`` makes the real ones; tests pass fakes."""
 
-    version: str
-    partitions: deque[int]
-    users: deque[str] = field(default_factory=deque)
-    rebuilt: int = 0
-    started: float = field(default_factory=time.monotonic)
-    announced_ms: int | None = None  # the swap's announcement (Kafka timestamp), None for a rebalance
+    consumer: GroupConsumer
+    producer: Producer
+    store: StateStore
+    changelog: Changelog
+    serving: ServingModel
+    metrics: WorkerMetrics = field(default_factory=WorkerMetrics)
+    follower: UpdateSource | None = None  # registry mode: the model-updates topic
+    registry: ModelRegistry | None = None
+
+    def close(self) -> None:
+        closers = [self.consumer.close, self.producer.close, self.changelog.close, self.store.close]
+        if self.follower is not None:
+            closers.append(self.follower.close)
+        for closer in closers:
+            try:
+                closer()
+            except Exception as exc:
+                log.warning("worker: error while closing: %s", exc)
+
+
+def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
+    """The parts of a real worker: kafka-python clients, the rocksdict store, the changelog, the
+    model (``options.model_dir``, or the registry's version in force, followed for swaps)."""
+    from consumers.kafka_transport import KafkaGroupConsumer, UpdateFollower, kafka_producer
+
+    if options.device == "cpu":
+        # Micro-batch tensors are small: one thread avoids OpenMP hand-offs that cost more
+        # than the arithmetic, and leaves the other cores to Kafka I/O and other workers.
+        torch.set_num_threads(settings.worker_threads)
+    with contextlib.ExitStack() as built:  # closes what was built if a later step fails
+        registry = follower = None
+        model_dir = options.model_dir
+        if model_dir is None:
+            registry = ModelRegistry(settings.path(settings.registry_dir))
+            # Follow first, then read CURRENT: a promotion in between is seen, not missed.
+            follower = UpdateFollower(settings.bootstrap_servers, settings.topic_model_updates)
+            built.callback(follower.close)
+            version = registry.current()
+            if version is None:
+                raise RegistryError(f"no model version is in force in {registry.root}: train one, then "
+                                    "`linrec-stream models add RUN_DIR --promote`")
+            model_dir = registry.path(version)
+        serving = ServingModel.load(model_dir, options.device)
+        store = StateStore(options.state_dir)
+        built.callback(store.close)
+        changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
+        built.callback(changelog.close)
+        changelog.ensure_topic(settings.interactions_partitions)
+        producer = kafka_producer(settings)
+        built.callback(producer.close)
+        consumer = KafkaGroupConsumer(settings, options.batch_size)
+        built.pop_all()
+    return WorkerParts(consumer, producer, store, changelog, serving, follower=follower, registry=registry)
 
 
 class StreamWorker:
-    """One worker process. ``run()`` blocks until ``stop`` is set (or it idles out)."""
+    """One worker process. ``run()`` blocks until ``stop`` is set (or it idles out).
 
-    def __init__(self, settings: Settings, options: WorkerOptions) -> None:
-        from kafka import KafkaProducer
+    ``StreamWorker(settings, options)`` builds the real parts (``build_parts``); pass ``parts``
+    to run it on others."""
 
+    def __init__(self, settings: Settings, options: WorkerOptions, parts: WorkerParts | None = None) -> None:
         self.settings = settings
         self.options = options
-        if options.device == "cpu":
-            # Micro-batch tensors are small: one thread avoids OpenMP hand-offs that cost more
-            # than the arithmetic, and leaves the other cores to Kafka I/O and other workers.
-            torch.set_num_threads(settings.worker_threads)
-        self.registry: ModelRegistry | None = None
-        self.follower: UpdateFollower | None = None
-        model_dir = options.model_dir
-        if model_dir is None:
-            self.registry = ModelRegistry(settings.path(settings.registry_dir))
-            # Follow first, then read CURRENT: a promotion in between is seen, not missed.
-            self.follower = UpdateFollower(settings.bootstrap_servers, settings.topic_model_updates)
-            version = self.registry.current()
-            if version is None:
-                self.follower.close()
-                raise RegistryError(f"no model version is in force in {self.registry.root}: train one, then "
-                                    "`linrec-stream models add RUN_DIR --promote`")
-            model_dir = self.registry.path(version)
-        self.serving = ServingModel.load(model_dir, options.device)
-        self.store = StateStore(options.state_dir)
-        self.metrics = WorkerMetrics()
-        self.metrics.model_info.labels(self.serving.version).set(1)
-        self.sweep: Sweep | None = None
+        self.parts = parts if parts is not None else build_parts(settings, options)
+        p = self.parts
+        self.consumer, self.store, self.changelog, self.metrics = p.consumer, p.store, p.changelog, p.metrics
+        self.metrics.observe_model(p.serving.version)
         self.limits = Limits(settings.max_event_bytes, settings.max_id_chars)
-        self.changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
-        self.changelog.ensure_topic(settings.interactions_partitions)
-        # Flushed after every micro-batch: lingering costs no latency and batches sends.
-        self.producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=100,
-                                      batch_size=1024 * 1024, max_in_flight_requests_per_connection=5)
-        self.topic = settings.topic_interactions
-        self.consumer = self._subscribe()
-        # Partitions assigned by the last rebalance, not yet positioned. kafka-python runs the
-        # rebalance callback on its IO thread, where blocking calls (committed offsets, changelog
-        # restore) are not allowed, so the callback only records them and the loop does the work.
-        self._pending: set = set()
-        self._pending_lock = threading.Lock()
+        self.checkpoint = Checkpoint(p.producer, p.changelog, p.store, p.consumer,
+                                     recommendations_topic=settings.topic_recommendations,
+                                     dead_letter_topic=settings.topic_dead_letter)
+        self.swaps = ModelSwaps(p.serving, self.checkpoint, p.store, p.metrics, follower=p.follower,
+                                registry=p.registry, device=options.device, swap_batch=options.swap_batch,
+                                top_k=settings.top_k, topic=settings.topic_interactions)
         self._last_summary = time.monotonic()
 
-    def _subscribe(self):
-        from kafka import KafkaConsumer
-
-        s = self.settings
-        consumer = KafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers, group_id=s.worker_group,
-            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self.options.batch_size,
-            client_id=f"linrec-worker-{id(self):x}", session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
-        )
-        consumer.subscribe([self.topic], listener=_Rebalance(self))
-        self._subscribed_at = time.monotonic()
-        return consumer
-
-    def _rejoin_if_stuck(self) -> None:
-        """Start over with a new consumer when the group join has not completed in time.
-
-        Seen twice here with kafka-python 3.0: a consumer that never got an assignment while its
-        IO thread spun; a fresh consumer joins at once. Nothing is lost: no partition was held,
-        and a new assignment positions partitions from the store as usual."""
-        limit = max(30.0, 3 * self.settings.session_timeout_ms / 1000)
-        if self.consumer.assignment() or time.monotonic() - self._subscribed_at < limit:
-            return
-        log.warning("worker: no partitions assigned after %.0fs; rejoining the group with a new consumer", limit)
-        try:
-            self.consumer.close(autocommit=False)
-        except Exception as exc:
-            log.warning("worker: closing the stuck consumer failed: %s", exc)
-        with self._pending_lock:
-            self._pending = set()
-        self.consumer = self._subscribe()
+    @property
+    def serving(self) -> ServingModel:
+        """The model served now (a swap replaces it between micro-batches)."""
+        return self.swaps.serving
 
     # --- partitions ---------------------------------------------------------------------------
     def _position_pending(self) -> set[int]:
         """Position the partitions of the last rebalance; returns their numbers (records already
         fetched for them came from the group's position and must be dropped)."""
-        with self._pending_lock:
-            pending, self._pending = self._pending, set()
-        assigned = self.consumer.assignment()
-        pending = {tp for tp in pending if tp in assigned}
-        if pending:
-            self._position(pending)
-        return {tp.partition for tp in pending}
+        pending = self.consumer.take_assigned()
+        for partition in sorted(pending):
+            self._position(partition)
+        return pending
 
-    def _position(self, partitions) -> None:
-        """Seek each new partition to where its state stands, restoring states if needed."""
-        from kafka.structs import TopicPartition
-
-        for tp in sorted(partitions):
-            committed = self.consumer.committed(tp)
-            local = self.store.next_offset(tp.partition)
-            if local is None or (committed is not None and local < committed):
-                # No or stale local state for it (it was another worker's): rebuild from the changelog.
-                restored = self.changelog.restore(self.store, [tp.partition]).get(tp.partition, 0)
-                start = committed or 0
-                log.info("partition %d: restored %d user states from %s, resuming at group offset %d",
-                         tp.partition, restored, self.settings.topic_state_changelog, start)
-            else:
-                start = local
-                log.info("partition %d: resuming at offset %d from the local state store", tp.partition, start)
-            self.consumer.seek(TopicPartition(tp.topic, tp.partition), start)
+    def _position(self, partition: int) -> None:
+        """Seek a new partition to where its state stands, restoring states if needed."""
+        committed = self.consumer.committed(partition)
+        local = self.store.next_offset(partition)
+        if local is None or (committed is not None and local < committed):
+            # No or stale local state for it (it was another worker's): rebuild from the changelog.
+            restored = self.changelog.restore(self.store, [partition]).get(partition, 0)
+            start = committed or 0
+            log.info("partition %d: restored %d user states from %s, resuming at group offset %d",
+                     partition, restored, self.settings.topic_state_changelog, start)
+        else:
+            start = local
+            log.info("partition %d: resuming at offset %d from the local state store", partition, start)
+        self.consumer.seek(partition, start)
 
     # --- the loop -----------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
@@ -191,45 +194,50 @@ class StreamWorker:
         try:
             while not stop.is_set():
                 t_poll = time.perf_counter()
-                self._check_updates()
-                records = self._take(0 if self.sweep else 200)
+                self.swaps.check_updates(self.consumer.assigned())
+                records = self._take(0 if self.swaps.sweep else 200)
                 if records:
                     self.metrics.observe_stage("poll", time.perf_counter() - t_poll)
-                if records or not self.consumer.assignment():
+                if records or not self.consumer.assigned():
                     # Idle means caught up on assigned partitions, not waiting for a rebalance.
                     idle_since = time.monotonic()
                 if records:
                     self.process(records)
-                if self.sweep:
-                    self._sweep_step()
+                if self.swaps.sweep:
+                    self.swaps.sweep_step(self.consumer.assigned())
                     idle_since = time.monotonic()
                 elif not records and idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     log.info("worker: idle for %.0fs, exiting", idle_exit_s)
                     break
                 if not records:
-                    self._rejoin_if_stuck()
+                    self.consumer.rejoin_if_stuck()
                 if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
-                    log.info(self.metrics.summary(self._lag()) + f"; model {self.serving.version[:12]}"
-                             + (" (swap in progress)" if self.sweep and self.sweep.announced_ms else ""))
-                    self._last_summary = time.monotonic()
+                    self._log_summary()
         finally:
             self.close()
 
-    def _take(self, wait_ms: int = 200) -> list:
+    def _log_summary(self) -> None:
+        try:
+            lag = self.metrics.observe_lag(self.consumer.lag())
+        except Exception:  # metrics must never take the worker down
+            lag = 0
+        log.info(self.metrics.summary(lag) + f"; model {self.serving.version[:12]}"
+                 + (" (swap in progress)" if self.swaps.swapping else ""))
+        self._last_summary = time.monotonic()
+
+    def _take(self, wait_ms: int = 200) -> list[InputRecord]:
         """Up to batch_size records, waiting at most batch_ms after the first one arrives (and
         ``wait_ms`` for the first one)."""
-        out: list = []
+        out: list[InputRecord] = []
         deadline = None
         while len(out) < self.options.batch_size:
             timeout = wait_ms if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
-            polled = self.consumer.poll(timeout_ms=timeout, max_records=self.options.batch_size - len(out))
+            polled = self.consumer.poll(timeout, self.options.batch_size - len(out))
             repositioned = self._position_pending()
             if repositioned:
                 out = [r for r in out if r.partition not in repositioned]
-                self._sweep_partitions(repositioned)
-            for tp, records in polled.items():
-                if tp.partition not in repositioned:
-                    out.extend(records)
+                self.swaps.sweep_partitions(repositioned)
+            out.extend(r for r in polled if r.partition not in repositioned)
             if out and deadline is None:
                 deadline = time.monotonic() + self.options.batch_ms / 1000
             if deadline is None and not polled:
@@ -240,7 +248,8 @@ class StreamWorker:
         out.sort(key=lambda r: (r.partition, r.offset))
         return out
 
-    def process(self, records: list) -> None:
+    def process(self, records: list[InputRecord]) -> None:
+        """One micro-batch: parse, apply on the stored states, commit (the checkpoint), observe."""
         t0 = time.perf_counter()
         events: list[Interaction] = []
         rejected: list[Rejected] = []
@@ -254,181 +263,13 @@ class StreamWorker:
         stored = self.store.get_many({e.user for e in events})
         t_read = time.perf_counter()
         result = self.options.apply(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
-        t1 = time.perf_counter()
 
-        self._publish(result, rejected)
-        t2 = time.perf_counter()
-        self.store.commit(result.records, next_offsets)
-        t3 = time.perf_counter()
-        self._commit_group(next_offsets)
-
-        m = self.metrics
-        m.observe_batch(len(records))
-        stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings,
-                  "produce": t2 - t1, "state_write": t3 - t2}
-        for stage, secs in stages.items():
-            m.observe_stage(stage, secs)
-        now_ms = time.time() * 1000
-        for rec in result.recommendations:
-            m.observe_latency(max(0.0, (now_ms - rec.source.kafka_ts_ms) / 1000))
-        m.events.labels("applied").inc(result.applied)
-        m.events.labels("duplicate").inc(result.duplicates)
-        m.events.labels("unknown_item").inc(result.unknown_items)
-        m.recommendations.inc(len(result.recommendations))
-        m.rebuilt.inc(result.rebuilt)
-        for rej in rejected:
-            m.dead_letters.labels(rej.reason).inc()
-        m.totals["events"] += result.applied
-        m.totals["duplicates"] += result.duplicates
-        m.totals["unknown_items"] += result.unknown_items
-        m.totals["recommendations"] += len(result.recommendations)
-        m.totals["dead_letters"] += len(rejected)
+        committed = self.checkpoint.commit(result, rejected, next_offsets)
+        stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings, **committed}
+        self.metrics.observe_batch_result(result, rejected, stages, consumed=len(records))
         if rejected:
             log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
                         ", ".join(sorted({r.reason for r in rejected})))
 
-    # --- model swap -----------------------------------------------------------------------------
-    def _check_updates(self) -> None:
-        """Swap to the newest announced version, if it is not the one served."""
-        if self.follower is None:
-            return
-        try:
-            announced = self.follower.poll()
-        except Exception as exc:  # the stream goes on with the current model
-            log.warning("worker: reading %s failed: %s", self.settings.topic_model_updates, exc)
-            return
-        if announced and announced[-1].version != self.serving.version:
-            self.swap(announced[-1].version, announced[-1].announced_ms)
-
-    def swap(self, version: str, announced_ms: int | None = None) -> None:
-        """Serve ``version`` from the next batch on and rebuild every stale state in the background.
-
-        Between batches, so no event is applied half under one model. A user whose state is
-        still stale when their next event arrives is rebuilt then (apply_batch), so no state is
-        ever scored by a model other than the one that built it."""
-        assert self.registry is not None
-        t0 = time.monotonic()
-        try:
-            new = ServingModel.load(self.registry.path(version), self.options.device)
-        except (OSError, ValueError) as exc:
-            log.error("worker: cannot load announced model %s (%s); still serving %s", version[:12], exc,
-                      self.serving.version[:12])
-            return
-        old, self.serving = self.serving, new
-        m = self.metrics
-        m.model_info.labels(old.version).set(0)
-        m.model_info.labels(new.version).set(1)
-        m.swaps.inc()
-        parts = sorted(tp.partition for tp in self.consumer.assignment())
-        log.info("worker: model swap %s -> %s (%s, %d items), loaded in %.0f ms; rebuilding the states of "
-                 "partitions %s", old.version[:12], new.version[:12], new.model.config.attention,
-                 new.model.config.num_items, (time.monotonic() - t0) * 1000, parts)
-        self.sweep = Sweep(new.version, deque(parts), announced_ms=announced_ms)
-
-    def _sweep_partitions(self, partitions: set[int]) -> None:
-        """Queue newly assigned partitions: their stored states may predate the model in force."""
-        if self.sweep is None:
-            self.sweep = Sweep(self.serving.version, deque())
-        for p in sorted(partitions):
-            if p not in self.sweep.partitions:
-                self.sweep.partitions.append(p)
-
-    def _sweep_step(self) -> None:
-        """Rebuild up to swap_batch stale states of assigned partitions (one write batch)."""
-        sw = self.sweep
-        assert sw is not None
-        assigned = {tp.partition for tp in self.consumer.assignment()}
-        chunk: list[str] = []
-        while len(chunk) < self.options.swap_batch and (sw.users or sw.partitions):
-            if not sw.users:
-                p = sw.partitions.popleft()
-                if p in assigned:
-                    sw.users.extend(self.store.users(p))
-                continue
-            chunk.append(sw.users.popleft())
-        stored = self.store.get_many(chunk)
-        todo = [r for r in stored.values() if r.partition in assigned and r.model_version != self.serving.version]
-        if todo:
-            result = rebuild_batch(self.serving, todo, self.settings.top_k, self.topic)
-            self._publish(result, [])
-            self.store.commit(result.records, {})
-            sw.rebuilt += result.rebuilt
-            self.metrics.rebuilt.inc(result.rebuilt)
-            self.metrics.recommendations.inc(len(result.recommendations))
-            self.metrics.totals["recommendations"] += len(result.recommendations)
-        if sw.users or sw.partitions:
-            return
-        self.sweep = None
-        took = time.monotonic() - sw.started
-        if sw.announced_ms is not None:
-            since = time.time() - sw.announced_ms / 1000
-            self.metrics.swap_seconds.set(since)
-            log.info("worker: model swap to %s complete: %d states rebuilt in %.2fs (%.2fs after the announcement)",
-                     sw.version[:12], sw.rebuilt, took, since)
-        elif sw.rebuilt:
-            log.info("worker: %d stored states of newly assigned partitions rebuilt under %s in %.2fs",
-                     sw.rebuilt, sw.version[:12], took)
-
-    def _publish(self, result: BatchResult, rejected: list[Rejected]) -> None:
-        """Send dead letters, recommendations and changelog records, and wait for the broker."""
-        for rej in rejected:
-            self.producer.send(self.settings.topic_dead_letter, key=rej.key, value=rej.value, headers=rej.headers())
-        for rec in result.recommendations:
-            self.producer.send(self.settings.topic_recommendations, key=rec.user.encode(), value=rec.to_bytes())
-        self.changelog.publish(result.records)  # flushes the changelog's own producer
-        self.producer.flush()
-
-    def _commit_group(self, next_offsets: dict[int, int]) -> None:
-        from kafka.structs import OffsetAndMetadata, TopicPartition
-
-        try:
-            self.consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
-                                  for p, o in next_offsets.items()})
-        except Exception as exc:  # a rebalance in progress: the store already holds the truth
-            log.warning("worker: group offset commit failed (%s); the local store keeps the position", exc)
-
-    def _lag(self) -> int:
-        total = 0
-        try:
-            assigned = self.consumer.assignment()
-            ends = self.consumer.end_offsets(list(assigned)) if assigned else {}
-            for tp in assigned:
-                lag = max(0, ends.get(tp, 0) - self.consumer.position(tp))
-                self.metrics.lag.labels(str(tp.partition)).set(lag)
-                total += lag
-        except Exception:  # metrics must never take the worker down
-            pass
-        return total
-
     def close(self) -> None:
-        closers = [self.consumer.close, self.producer.close, self.changelog.close, self.store.close]
-        if self.follower is not None:
-            closers.append(self.follower.close)
-        for closer in closers:
-            try:
-                closer()
-            except Exception as exc:
-                log.warning("worker: error while closing: %s", exc)
-
-
-def _listener_base():
-    from kafka import ConsumerRebalanceListener
-
-    return ConsumerRebalanceListener
-
-
-class _Rebalance(_listener_base()):
-    """kafka-python's rebalance callbacks, forwarded to the worker."""
-
-    def __init__(self, worker: StreamWorker) -> None:
-        self.worker = worker
-
-    def on_partitions_revoked(self, revoked) -> None:
-        if revoked:
-            log.info("partitions revoked: %s", sorted(tp.partition for tp in revoked))
-
-    def on_partitions_assigned(self, assigned) -> None:
-        if assigned:
-            log.info("partitions assigned: %s", sorted(tp.partition for tp in assigned))
-            with self.worker._pending_lock:
-                self.worker._pending |= set(assigned)
+        self.parts.close()

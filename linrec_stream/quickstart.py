@@ -12,10 +12,10 @@ consumer group, so a run never mixes with a previous one or with a production se
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,11 +23,14 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from linrec_stream.settings import Settings
+
+if TYPE_CHECKING:
+    from linrec_stream.contracts.events import Recommendation
 
 Log = Callable[[str], None]
 
@@ -63,19 +66,21 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         topic_interactions="quickstart-interactions", topic_recommendations="quickstart-recommendations",
         topic_dead_letter="quickstart-interactions-dlq", topic_model_updates="quickstart-model-updates",
         topic_state_changelog="quickstart-user-state-changelog", worker_group=f"quickstart-{uuid.uuid4().hex[:8]}",
-        state_dir=home / "state", metrics_port=0, summary_every_s=15.0, batch_size=512, batch_ms=50,
-        registry_dir=home / "models",
+        state_dir=home / "state", summary_every_s=15.0, batch_size=512, batch_ms=50, registry_dir=home / "models",
+        # The worker's /metrics on a free port: the hot swap is read off it (_wait_for_swap).
+        metrics_port=_free_port(),
     )
     worker = None
     try:
         delete_topics(qs, stream_topics(qs))
         create_topics(qs)
         from linrec_stream.data import resolve_data
+        from linrec_stream.model.run_dir import missing_files
 
         path = resolve_data(opts.data, settings.path(settings.data_dir), log=log)
         log(f"[2/{steps}] data: {path}")
         model_dir = opts.model_dir or home / "model"
-        if not (model_dir / "model.pt").exists():
+        if missing_files(model_dir):
             _train_quick(path, model_dir, settings, opts.train_epochs, log)
         log(f"[3/{steps}] model: {model_dir}")
         first = _fresh_registry(qs, model_dir)
@@ -105,7 +110,7 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         time.sleep(1.0)
         watcher.stop()
         log(f"      {live.describe()}")
-        swap = _lifecycle(qs, home / "worker.log", log) if opts.retrain else None
+        swap = _lifecycle(qs, log) if opts.retrain else None
         dead = _count(qs, qs.topic_dead_letter)
         _summary(warm, live, watcher, dead, time.monotonic() - t_start, log)
         if swap:
@@ -126,14 +131,14 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
 def _train_quick(path: Path, out: Path, settings: Settings, epochs: int, log: Log) -> None:
     import torch
 
+    from linrec_stream.model.device import resolve_device
+    from linrec_stream.model.presets import preset
     from linrec_stream.training.experiment import prepare, run_training
-    from linrec_stream.model import ModelConfig
-    from linrec_stream.training.train import TrainConfig, resolve_device
+    from linrec_stream.training.train import TrainConfig
 
     log(f"      no model yet: training a small LinRec with decay ({epochs} epochs; `linrec-stream train` makes better ones)")
     prepared = prepare(str(path), settings.path(settings.data_dir), log=log)
-    mc = ModelConfig(num_items=prepared.split.data.num_items, hidden_size=32, num_layers=2, num_heads=2,
-                     attention="linrec_decay", max_len=50, dropout=0.2, inner_size=64)
+    mc = preset("quickstart", prepared.split.data.num_items)
     tc = TrainConfig(epochs=epochs, batch_size=256, lr=2e-3, patience=epochs)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     run_training(prepared, mc, tc, out, resolve_device(settings.device), progress=True, log=log)
@@ -151,30 +156,79 @@ def _fresh_registry(s: Settings, model_dir: Path) -> str:
     return version
 
 
-def _lifecycle(s: Settings, worker_log: Path, log: Log) -> str:
+def _lifecycle(s: Settings, log: Log) -> str:
     """One retraining round on the archive; if published, wait for the worker's hot swap."""
-    import re
-
     from linrec_stream.lifecycle.retrain import RetrainConfig, retrain_once
-    from linrec_stream.training.train import resolve_device
+    from linrec_stream.model.device import resolve_device
 
     log("[7/7] model lifecycle: one retraining round on the event archive (warm start from the model in "
         "force, 1 epoch), publish if not worse, hot swap in the running worker")
+    # The worker's counters before the round, so the swap's own figures can be told apart.
+    before = _scrape(s.metrics_port)
     res = retrain_once(s, RetrainConfig(epochs=1, patience=1, batch_size=256, lr=1e-3),
                        resolve_device(s.device), log=lambda m: log(f"      {m}"), progress=True)
     if not res.published:
         return f"candidate {res.version[:12]} {res.decision}: {res.reason} (the worker keeps its model)"
-    pattern = rf"model swap to {res.version[:12]} complete: (\d+) states rebuilt in ([\d.]+)s \(([\d.]+)s after"
-    deadline = time.monotonic() + 600
+    swap = _wait_for_swap(s.metrics_port, res.version, before, timeout_s=600)
+    if swap is None:
+        return f"published {res.version[:12]}, but the worker did not report the swap within 600s"
+    rebuilt, seconds = swap
+    line = (f"{res.parent[:12] if res.parent else '-'} -> {res.version[:12]} ({res.reason}); the worker rebuilt "
+            f"{rebuilt:,} states {seconds:.1f}s after the announcement, without a restart")
+    log(f"      hot swap: {line}")
+    return line
+
+
+# --- the worker's metrics ----------------------------------------------------------------------
+# Names and labels as consumers/metrics.py exposes them (a Counter gains "_total").
+MODEL_INFO = "linrec_model_info"  # {version="..."}: 1 for the version served
+SWAP_SECONDS = "linrec_model_swap_seconds"  # set when a swap's sweep has rebuilt every stored state
+STATES_REBUILT = "linrec_states_rebuilt_total"
+#: A scrape of /metrics: (sample name, its labels sorted) -> value.
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def _free_port() -> int:
+    """A TCP port nothing listens on now (the kernel's pick), for the worker's metrics: a fixed
+    one could be taken by a production worker on the same machine."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _scrape(port: int) -> Samples:
+    """The worker's metric samples; empty while it does not answer (not started yet, or gone)."""
+    import urllib.error
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode("utf-8")
+    except (urllib.error.URLError, OSError):
+        return {}
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(text) for sample in family.samples}
+
+
+def _wait_for_swap(port: int, version: str, before: Samples, timeout_s: float) -> tuple[int, float] | None:
+    """Wait until the worker serves ``version`` and its swap sweep has completed; returns the
+    states rebuilt since ``before`` (a scrape from before the round) and the seconds from the
+    announcement to the last one rebuilt, or None after ``timeout_s``.
+
+    The swap gauge counts as set when it differs from ``before``: a worker that swapped earlier
+    (not the quickstart's own, which starts fresh) keeps the previous swap's figure until then."""
+    served = (MODEL_INFO, (("version", version),))
+    deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        m = re.search(pattern, worker_log.read_text())
-        if m:
-            line = (f"{res.parent[:12] if res.parent else '-'} -> {res.version[:12]} ({res.reason}); the worker rebuilt "
-                    f"{int(m.group(1)):,} states {float(m.group(3)):.1f}s after the announcement, without a restart")
-            log(f"      hot swap: {line}")
-            return line
+        now = _scrape(port)
+        swap_s = now.get((SWAP_SECONDS, ()), 0.0)
+        if now.get(served) == 1.0 and swap_s > 0 and swap_s != before.get((SWAP_SECONDS, ())):
+            rebuilt = now.get((STATES_REBUILT, ()), 0.0) - before.get((STATES_REBUILT, ()), 0.0)
+            return int(rebuilt), swap_s
         time.sleep(0.5)
-    return f"published {res.version[:12]}, but the worker did not report the swap within 600s"
+    return None
 
 
 def _start_worker(s: Settings, log_path: Path) -> subprocess.Popen:
@@ -238,7 +292,7 @@ class _RecWatcher:
     def __init__(self, s: Settings, show: int, log: Log) -> None:
         self.s, self.show, self.log = s, show, log
         self.latencies: list[float] = []
-        self.last: dict[str, dict] = {}
+        self.last: dict[str, Recommendation] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -250,24 +304,20 @@ class _RecWatcher:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        from kafka import KafkaConsumer
+        from linrec_stream.clients.recommendations import RecommendationReader
 
-        c = KafkaConsumer(self.s.topic_recommendations, bootstrap_servers=self.s.bootstrap_servers,
-                          auto_offset_reset="latest", enable_auto_commit=False, group_id=None)
         shown, next_show = 0, time.monotonic()
-        try:
+        with RecommendationReader(self.s) as reader:
             while not self._stop.is_set():
-                for records in c.poll(timeout_ms=300).values():
-                    for r in records:
-                        rec = json.loads(r.value)
-                        self.latencies.append(rec["produced_at"] - rec["ingested_at"])
-                        self.last[rec["user"]] = rec
-                        if shown < self.show and time.monotonic() >= next_show:
-                            shown += 1
-                            next_show = time.monotonic() + 2.0
-                            self.log(f"  live  {rec['user']:>8}: " + " | ".join(rec["items"][:3]) + " ...")
-        finally:
-            c.close()
+                for received in reader.poll(timeout_s=0.3):
+                    rec = received.recommendation
+                    if rec.ingested_at is not None:  # None: rebuilt by a model swap, no event behind it
+                        self.latencies.append(rec.produced_at - rec.ingested_at)
+                    self.last[rec.user] = rec
+                    if shown < self.show and time.monotonic() >= next_show:
+                        shown += 1
+                        next_show = time.monotonic() + 2.0
+                        self.log(f"  live  {rec.user:>8}: " + " | ".join(rec.items[:3]) + " ...")
 
 
 def _summary(warm, live, watcher: _RecWatcher, dead: int, total_s: float, log: Log) -> None:
@@ -283,4 +333,4 @@ def _summary(warm, live, watcher: _RecWatcher, dead: int, total_s: float, log: L
     log(f"  total time          {total_s:.0f}s")
     for user in list(watcher.last)[-3:]:
         rec = watcher.last[user]
-        log(f"  {user}: " + "; ".join(rec["items"][:5]))
+        log(f"  {user}: " + "; ".join(rec.items[:5]))

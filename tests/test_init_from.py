@@ -12,7 +12,7 @@ from linrec_stream.model.run_dir import load_run
 from linrec_stream.training.experiment import init_from_run, prepare
 from linrec_stream.training.warm_start import ITEM_EMBEDDING
 from tests.conftest import run_cli
-from tests.test_train import write_cycle_csv
+from tests.helpers import write_cycle_csv
 
 SMALL = ["--hidden", "16", "--layers", "1", "--heads", "2", "--max-len", "8", "--inner", "32", "--no-progress"]
 

@@ -38,11 +38,13 @@ def test_topics_create_is_idempotent(broker: Settings):
     tag = uuid.uuid4().hex[:6]
     s = broker.replace(
         topic_interactions=f"t-{tag}-in", topic_recommendations=f"t-{tag}-rec",
-        topic_dead_letter=f"t-{tag}-dlq", topic_model_updates=f"t-{tag}-models", interactions_partitions=3,
+        topic_dead_letter=f"t-{tag}-dlq", topic_model_updates=f"t-{tag}-models",
+        topic_state_changelog=f"t-{tag}-changelog", interactions_partitions=3,
     )
     first = create_topics(s)
     assert [(t.name, t.partitions, t.created) for t in first] == [
         (f"t-{tag}-in", 3, True), (f"t-{tag}-rec", 4, True), (f"t-{tag}-dlq", 1, True), (f"t-{tag}-models", 1, True),
+        (f"t-{tag}-changelog", 3, True),  # one changelog partition per interactions partition
     ]
     second = create_topics(s)
     assert [(t.name, t.partitions, t.created) for t in second] == [(t.name, t.partitions, False) for t in first]
@@ -54,7 +56,8 @@ def test_topics_create_cli_twice(broker: Settings):
     second = run_cli("topics", "create")
     assert second.returncode == 0, second.stderr
     lines = second.stdout.strip().splitlines()
-    assert len(lines) == 4 and all(line.endswith("exists") for line in lines)
+    # interactions, recommendations, dead letters, model updates, the user-state changelog
+    assert len(lines) == 5 and all(line.endswith("exists") for line in lines)
 
 
 def test_cluster_id_never_begins_with_a_dash():

@@ -15,7 +15,8 @@ from tests.conftest import run_cli
 
 def run_dir(path: Path, seed: int) -> str:
     torch.manual_seed(seed)
-    model = LinRecModel(ModelConfig(num_items=7, hidden_size=8, num_layers=1, num_heads=1, max_len=4))
+    model = LinRecModel(ModelConfig(num_items=7, hidden_size=8, num_layers=1, num_heads=1, max_len=4,
+                                    attention="linrec"))
     path.mkdir(parents=True)
     model.save(path / "model.pt")
     (path / "vocab.json").write_text(json.dumps({"items": ["<pad>"] + [f"i{k}" for k in range(1, 8)]}))

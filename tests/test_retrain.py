@@ -32,7 +32,6 @@ from linrec_stream.lifecycle.registry import ModelRegistry
 from linrec_stream.lifecycle.retrain import (
     RetrainConfig,
     RetrainError,
-    ScratchModel,
     parse_duration,
     retrain_once,
     run_every,
@@ -43,7 +42,8 @@ from tests.conftest import run_cli
 
 CPU = torch.device("cpu")
 CYCLE = 100  # items on the cycle the synthetic users walk
-TINY = ScratchModel(hidden_size=32, num_layers=1, num_heads=2, inner_size=64, max_len=16, dropout=0.1)
+# A ModelConfig template: each round sizes it to its data's items (model.presets.sized).
+TINY = ModelConfig(num_items=1, hidden_size=32, num_layers=1, num_heads=2, inner_size=64, max_len=16, dropout=0.1)
 FIRST = RetrainConfig(epochs=6, patience=3, lr=3e-3, batch_size=32, seed=1, scratch=TINY)
 Event = tuple[str, str, float]  # user, item, ts
 

@@ -4,7 +4,6 @@ or repeating an event, and no state is scored by a model other than the one that
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import re
@@ -17,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from consumers.batch import ServingModel, rebuild_batch, rebuild_state
-from linrec_stream.contracts.events import encode_event
+from consumers.batch import rebuild_batch, rebuild_state
+from consumers.serving import ServingModel
 from linrec_stream.broker.topics import create_topics, private_env
-from linrec_stream.model import LinRecModel, ModelConfig
+from linrec_stream.contracts.events import Recommendation, encode_event
 from linrec_stream.lifecycle.registry import ModelRegistry
+from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.settings import Settings
 from state.record import UserRecord
-from tests.conftest import run_cli
-from tests.test_worker import read_topic, start_worker_args, stored_records, wait
+from tests.conftest import REPO, run_cli
+from tests.helpers import read_topic, start_worker_args, stored_records, wait, write_run
 
 NUM_ITEMS = 120
 VOCAB = ["<pad>"] + [f"item-{i}" for i in range(1, NUM_ITEMS + 1)]
@@ -37,9 +37,7 @@ def make_run(path: Path, seed: int) -> LinRecModel:
     cfg = ModelConfig(num_items=NUM_ITEMS, hidden_size=16, num_layers=2, num_heads=2, attention="linrec",
                       max_len=16, dropout=0.0, inner_size=32)
     model = LinRecModel(cfg).eval()
-    path.mkdir(parents=True)
-    model.save(path / "model.pt")
-    (path / "vocab.json").write_text(json.dumps({"items": VOCAB}))
+    write_run(path, model, VOCAB)
     return model
 
 
@@ -68,8 +66,8 @@ def test_rebuild_batch_rebuilds_only_stale_records_from_their_window(tmp_path: P
         torch.testing.assert_close(new.model.load_state_bytes(r.state).S, expected.S, rtol=1e-5, atol=1e-6)
     # A fresh recommendation for the user the new model can score, naming the new version.
     assert [(r.user, r.trigger, r.model_version) for r in res.recommendations] == [("u1", "model_swap", new.version)]
-    body = json.loads(res.recommendations[0].to_bytes())
-    assert body["ingested_at"] is None and not set(body["items"]) & {"item-3", "item-9", "item-4"}
+    sent = Recommendation.from_bytes(res.recommendations[0].to_bytes())  # as a client reads it
+    assert sent.ingested_at is None and not set(sent.items) & {"item-3", "item-9", "item-4"}
 
 
 # --- a running worker, with the broker ---------------------------------------------------------------
@@ -139,7 +137,7 @@ def change_mid_stream(live: Live, state: Path, log: Path, command: list[str], se
     import subprocess
 
     proc = subprocess.Popen(start_worker_args(state, idle_exit=6.0, batch_size=64, model_dir=None),
-                            env={**os.environ, **live.env}, cwd=Path(__file__).resolve().parents[1],
+                            env={**os.environ, **live.env}, cwd=REPO,
                             stdout=open(log, "ab"), stderr=subprocess.STDOUT)
     announced = threading.Event()
 
@@ -189,21 +187,22 @@ def check_swapped(live: Live, state: Path, log: Path, new: LinRecModel, old: Lin
     # Per user, in topic order, the versions named go old -> new and never back.
     runs = version_runs(live)
     assert all(r in ([old.version], [old.version, new.version], [new.version]) for r in runs.values()), runs
-    text_recs = [json.loads(r.value) for r in read_topic(live.settings, live.settings.topic_recommendations)]
-    assert any(b["trigger"] == "model_swap" and b["model_version"] == new.version for b in text_recs)
+    sent = [Recommendation.from_bytes(r.value) for r in read_topic(live.settings, live.settings.topic_recommendations)]
+    assert any(r.trigger == "model_swap" and r.model_version == new.version for r in sent)
 
 
 def version_runs(live: Live) -> dict[str, list[str]]:
     """Per user, the model versions its recommendations named, in topic order, repeats merged."""
     runs: dict[str, list[str]] = {}
     for r in read_topic(live.settings, live.settings.topic_recommendations):
-        body = json.loads(r.value)
-        seq = runs.setdefault(body["user"], [])
-        if not seq or seq[-1] != body["model_version"]:
-            seq.append(body["model_version"])
+        rec = Recommendation.from_bytes(r.value)
+        seq = runs.setdefault(rec.user, [])
+        if not seq or seq[-1] != rec.model_version:
+            seq.append(rec.model_version)
     return runs
 
 
+@pytest.mark.kafka
 def test_promote_then_rollback_mid_stream(live: Live, tmp_path: Path):
     a, b = live.models["a"], live.models["b"]
     state = tmp_path / "state"
@@ -234,6 +233,7 @@ def test_promote_then_rollback_mid_stream(live: Live, tmp_path: Path):
     assert all(r[-1] == a.version for r in runs.values())
 
 
+@pytest.mark.kafka
 def test_worker_without_a_version_in_force_says_so(broker: Settings, tmp_path: Path):
     env = {"LINREC_REGISTRY_DIR": str(tmp_path / "empty"), "LINREC_METRICS_PORT": "0",
            "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers}

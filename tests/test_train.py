@@ -5,52 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from linrec_stream.training.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
-from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.training.train import TrainConfig, TrainData, train
-
-NUM_ITEMS = 200
-
-
-def cycle_log(users: int = 300, length: int = 24, noise: float = 0.1, seed: int = 0) -> list[np.ndarray]:
-    """Each user walks the item cycle 1 -> 2 -> ... -> 200 -> 1 from a random start, with a
-    random jump now and then: the next item is predictable from the last one."""
-    rng = np.random.default_rng(seed)
-    seqs = []
-    for _ in range(users):
-        item = int(rng.integers(1, NUM_ITEMS + 1))
-        seq = [item]
-        for _ in range(length - 1):
-            item = int(rng.integers(1, NUM_ITEMS + 1)) if rng.random() < noise else item % NUM_ITEMS + 1
-            seq.append(item)
-        seqs.append(np.array(seq, dtype=np.int64))
-    return seqs
-
-
-def write_cycle_csv(path: Path, users: int, length: int, seed: int) -> Path:
-    """``cycle_log`` as a user,item,timestamp CSV, the way a user brings their own log."""
-    rows = ["user,item,timestamp"]
-    for u, seq in enumerate(cycle_log(users=users, length=length, seed=seed)):
-        rows += [f"u{u},i{item},{1000 + t}" for t, item in enumerate(seq)]
-    path.write_text("\n".join(rows) + "\n")
-    return path
-
-
-def split(seqs: list[np.ndarray]) -> tuple[TrainData, EvalSet]:
-    vocab = ["<pad>"] + [f"item{i}" for i in range(1, NUM_ITEMS + 1)]
-    valid = EvalSet([s[:-2] for s in seqs], np.array([s[-2] for s in seqs]))
-    test = EvalSet([s[:-1] for s in seqs], np.array([s[-1] for s in seqs]))
-    return TrainData([s[:-2] for s in seqs], valid, vocab), test
-
-
-def small_config(attention: str) -> ModelConfig:
-    return ModelConfig(num_items=NUM_ITEMS, hidden_size=32, num_layers=1, num_heads=2, attention=attention,
-                       max_len=16, dropout=0.1, inner_size=64)
-
+from linrec_stream.model import LinRecModel
+from linrec_stream.training.evaluate import evaluate, popularity_baseline, popularity_counts
+from linrec_stream.training.train import TrainConfig, train
+from tests.helpers import CYCLE_ITEMS, cycle_log, small_config, split, write_cycle_csv
 
 @pytest.mark.parametrize("attention", ["linrec", "linrec_decay", "softmax", "linrec_bidir"])
 def test_training_learns_the_pattern_far_beyond_popularity(tmp_path: Path, attention: str):
@@ -59,7 +20,7 @@ def test_training_learns_the_pattern_far_beyond_popularity(tmp_path: Path, atten
     model, hist = train(small_config(attention), tc, data, tmp_path, torch.device("cpu"),
                         progress=False, log=lambda m: None)
     got = evaluate(model, test)
-    pop = popularity_baseline(test, popularity_counts(data.train_seqs, NUM_ITEMS))
+    pop = popularity_baseline(test, popularity_counts(data.train_seqs, CYCLE_ITEMS))
     assert pop["hr@10"] < 0.15
     assert got["hr@10"] > 0.75, (got, pop)
     assert got["ndcg@10"] > 5 * pop["ndcg@10"]

@@ -12,7 +12,7 @@ import torch
 
 from linrec_stream.training.evaluate import evaluate
 from linrec_stream.training.train import TrainConfig, causal_batch, epoch_batches, train
-from tests.test_train import cycle_log, small_config, split, write_cycle_csv
+from tests.helpers import cycle_log, small_config, split, write_cycle_csv
 
 QUIET = dict(progress=False, log=lambda m: None)
 

@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -19,13 +18,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from linrec_stream.contracts.events import encode_event
 from linrec_stream.broker.topics import create_topics, private_env
+from linrec_stream.contracts.events import Recommendation, Rejected, encode_event
 from linrec_stream.model import LinRecModel, ModelConfig
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
 from state.store import StateStore
 from tests.conftest import REPO
+from tests.helpers import read_topic, start_worker_args, stored_records, wait, write_run
 
 pytestmark = pytest.mark.kafka
 
@@ -60,10 +60,7 @@ def stream(broker: Settings, tmp_path: Path) -> Stream:
     cfg = ModelConfig(num_items=NUM_ITEMS, hidden_size=16, num_layers=2, num_heads=2, attention="linrec",
                       max_len=16, dropout=0.0, inner_size=32)
     model = LinRecModel(cfg).eval()
-    model_dir = tmp_path / "model"
-    model_dir.mkdir()
-    model.save(model_dir / "model.pt")
-    (model_dir / "vocab.json").write_text(json.dumps({"items": ["<pad>"] + [f"item-{i}" for i in range(1, NUM_ITEMS + 1)]}))
+    model_dir = write_run(tmp_path / "model", model, ["<pad>"] + [f"item-{i}" for i in range(1, NUM_ITEMS + 1)])
     return Stream(env, settings, model_dir, model, {}, {}, {})
 
 
@@ -114,42 +111,11 @@ def produce(stream: Stream, events: int, users: int, seed: int, malformed_every:
     producer.close()
 
 
-def start_worker_args(state_dir: Path, idle_exit: float | None, batch_size: int, model_dir: Path | None) -> list[str]:
-    """`linrec-stream worker` as a child process runs it (model_dir None: the registry's version)."""
-    args = [sys.executable, "-m", "linrec_stream.cli", "worker", "--state-dir", str(state_dir),
-            "--batch-size", str(batch_size), "--batch-ms", "20", "--device", "cpu"]
-    if model_dir is not None:
-        args += ["--model", str(model_dir)]
-    if idle_exit is not None:
-        args += ["--idle-exit", str(idle_exit)]
-    return args
-
-
 def start_worker(stream: Stream, state_dir: Path, idle_exit: float | None = 6.0, batch_size: int = 256,
                  log_path: Path | None = None) -> subprocess.Popen:
     args = start_worker_args(state_dir, idle_exit, batch_size, stream.model_dir)
     out = open(log_path or os.devnull, "ab")
     return subprocess.Popen(args, env={**os.environ, **stream.env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
-
-
-def wait(proc: subprocess.Popen, timeout: float = 240) -> None:
-    try:
-        code = proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()  # never leave a worker behind to load the rest of the suite
-        proc.wait()
-        raise AssertionError(f"the worker did not finish within {timeout:.0f}s") from None
-    assert code == 0, f"worker exited with {code}"
-
-
-def read_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
-    from kafka import KafkaConsumer
-
-    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
-                             enable_auto_commit=False, group_id=None, consumer_timeout_ms=int(timeout_s * 1000))
-    records = list(consumer)
-    consumer.close()
-    return records
 
 
 def check_outcome(stream: Stream, records: dict) -> None:
@@ -176,27 +142,20 @@ def check_outcome(stream: Stream, records: dict) -> None:
             assert int(got.num_events[0]) == len(stream.seqs[u])
             torch.testing.assert_close(got.S[0], expected[i].S[0], rtol=1e-4, atol=1e-5)
 
-    recs = read_topic(stream.settings, stream.settings.topic_recommendations)
     named = {}
-    for r in recs:
-        body = json.loads(r.value)
-        assert body["model_version"] == model.version and len(body["items"]) == 10
-        named.setdefault(body["user"], set()).add((body["source"]["partition"], body["source"]["offset"]))
+    for r in read_topic(stream.settings, stream.settings.topic_recommendations):
+        rec = Recommendation.from_bytes(r.value)
+        assert rec.model_version == model.version and len(rec.items) == 10
+        named.setdefault(rec.user, set()).add((rec.source.partition, rec.source.offset))
     for user in users:
         assert stream.last_offset[user] in named.get(user, set()), f"{user}: no recommendation for its last event"
 
-    dead = read_topic(stream.settings, stream.settings.topic_dead_letter)
     got = {}
-    for r in dead:
-        h = {k: v.decode() for k, v in r.headers}
-        assert h["dlq.topic"] == stream.settings.topic_interactions
-        got[(int(h["dlq.partition"]), int(h["dlq.offset"]))] = h["dlq.reason"]
+    for r in read_topic(stream.settings, stream.settings.topic_dead_letter):
+        dead = Rejected.from_message(r.key, r.value, r.headers)
+        assert dead.source.topic == stream.settings.topic_interactions
+        got[(dead.source.partition, dead.source.offset)] = dead.reason
     assert got == stream.malformed
-
-
-def stored_records(state_dir: Path) -> dict:
-    with StateStore(state_dir) as store:
-        return {r.user: r for r in store.records()}
 
 
 def test_replay_through_one_worker_applies_each_event_once(stream: Stream, tmp_path: Path):

@@ -39,6 +39,7 @@ from linrec_stream.training.evaluate import evaluate
 from linrec_stream.model.run_dir import Vocab, load_run
 from linrec_stream.training.experiment import eval_set, format_metrics, remap
 from linrec_stream.model import LinRecModel, ModelConfig
+from linrec_stream.model.presets import PRESETS, sized
 from linrec_stream.lifecycle.announce import AnnounceError, announce
 from linrec_stream.lifecycle.registry import Change, ModelRegistry
 from linrec_stream.settings import Settings
@@ -54,24 +55,6 @@ class RetrainError(ValueError):
 
 
 @dataclass(frozen=True)
-class ScratchModel:
-    """The architecture of a model trained without a parent (the first version)."""
-
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner_size: int = 256
-    max_len: int = 50
-    attention: str = "linrec_decay"  # the best served accuracy of the streamable variants (RESULTS.md)
-    dropout: float = 0.2
-
-    def config(self, num_items: int) -> ModelConfig:
-        return ModelConfig(num_items=num_items, hidden_size=self.hidden_size, num_layers=self.num_layers,
-                           num_heads=self.num_heads, inner_size=self.inner_size, max_len=self.max_len,
-                           attention=self.attention, dropout=self.dropout)
-
-
-@dataclass(frozen=True)
 class RetrainConfig:
     """Settings of a retraining round.
 
@@ -82,6 +65,9 @@ class RetrainConfig:
         that was never replayed into Kafka; events also in the archive are counted once.
     history: "window" (each user's last max_len events) or "full" (every event, as the workers
         serve them) for training and for the candidate-versus-current comparison alike.
+    scratch: the architecture of a model trained without a parent (the registry's first
+        version), a ModelConfig template whose item count the data replace
+        (``model.presets``); by default the project's default architecture, as ``train`` uses.
     """
 
     epochs: int = 20
@@ -94,7 +80,7 @@ class RetrainConfig:
     max_minutes: float | None = None
     base_data: str | None = None
     history: str = "window"
-    scratch: ScratchModel = field(default_factory=ScratchModel)
+    scratch: ModelConfig = field(default_factory=lambda: PRESETS["default"])
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.margin) and self.margin >= 0):
@@ -269,7 +255,7 @@ def _candidate_setup(parent: LinRecModel | None, num_items: int, config: Retrain
                      log: Log) -> tuple[ModelConfig, dict[str, Tensor] | None]:
     """The candidate's ModelConfig and its initial weights (None: random init)."""
     if parent is None:
-        mc = config.scratch.config(num_items)
+        mc = sized(config.scratch, num_items)
         log(f"no current version: training {mc.attention} from scratch "
             f"(hidden {mc.hidden_size}, layers {mc.num_layers}, max_len {mc.max_len})")
         return mc, None

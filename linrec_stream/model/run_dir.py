@@ -25,6 +25,7 @@ MODEL_FILE = "model.pt"
 VOCAB_FILE = "vocab.json"
 META_FILE = "meta.json"
 RESUME_FILE = "last.pt"
+CURVES_FILE = "curves.png"
 #: What a directory must hold to be served.
 MODEL_FILES = (MODEL_FILE, VOCAB_FILE)
 

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ import torch
 from linrec_stream.data import LeaveOneOut, build_sequences, leave_one_out, read_interactions, resolve_data
 from linrec_stream.training.evaluate import EvalSet, evaluate, popularity_baseline, popularity_counts
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.model.run_dir import Vocab
+from linrec_stream.model.run_dir import META_FILE, Vocab
 from linrec_stream.training.train import TrainConfig, TrainData, train
 from linrec_stream.training.warm_start import grow_vocab, grown_model, remap_items
 
@@ -87,6 +88,50 @@ def init_from_run(model_dir: Path, parent: LinRecModel, vocab: Vocab, prepared: 
     return mc, InitFrom(weights, {"dir": str(model_dir), "version": parent.version})
 
 
+#: ModelConfig fields a run started from a model may change: they shape no weight.
+FREE_FIELDS = frozenset({"dropout"})
+
+
+class ArchitectureError(ValueError):
+    """An override that a run started from a model cannot take; ``field`` is the ModelConfig
+    field, so a caller can name its own spelling of it (a command-line flag, say)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ArchitectureConflict(ArchitectureError):
+    """An override that contradicts the parent's architecture (``kept``): its weights have that
+    shape, so the value cannot change."""
+
+    def __init__(self, field: str, value: object, kept: object) -> None:
+        super().__init__(field, f"{field} {value}: the parent model has {field} {kept} (its architecture is kept)")
+        self.value, self.kept = value, kept
+
+
+def inherit_architecture(config: ModelConfig, overrides: Mapping[str, object]) -> ModelConfig:
+    """The config of a run that starts from a model of config ``config`` (``init_from_run``'s),
+    given the architecture values a user set explicitly (ModelConfig field -> value).
+
+    The architecture is the parent's: an override equal to it is accepted (it says nothing new),
+    one that differs raises ``ArchitectureConflict``; only the ``FREE_FIELDS`` may change, and an
+    invalid value for one raises ``ArchitectureError``. Overrides are checked in their order,
+    so the first wrong one is reported."""
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    for name, value in overrides.items():
+        if name not in known:
+            raise ArchitectureError(name, f"{name}: not a ModelConfig field")
+        if name not in FREE_FIELDS and value != getattr(config, name):
+            raise ArchitectureConflict(name, value, getattr(config, name))
+    for name in FREE_FIELDS & overrides.keys():
+        try:
+            config = dataclasses.replace(config, **{name: overrides[name]})
+        except ValueError as exc:  # ModelConfig's own check of the value
+            raise ArchitectureError(name, str(exc)) from None
+    return config
+
+
 def run_training(
     prepared: Prepared, model_config: ModelConfig, train_config: TrainConfig, out: Path,
     device: torch.device, resume: bool = False, progress: bool = True, log: Log = print,
@@ -104,7 +149,7 @@ def run_training(
     test = eval_set(split, "test")
     metrics = evaluate(model, test, batch_size=train_config.eval_batch_size, history=train_config.history)
     pop = popularity_baseline(test, popularity_counts(split.train, split.data.num_items))
-    meta_path = out / "meta.json"
+    meta_path = out / META_FILE
     saved = json.loads(meta_path.read_text()) if meta_path.exists() else {}
     saved.update({"model_version": model.version, "test_full": metrics, "popularity_test_full": pop})
     meta_path.write_text(json.dumps(saved, indent=2))
@@ -112,6 +157,52 @@ def run_training(
     log(f"test (full ranking{scope}): " + format_metrics(metrics))
     log("popularity baseline: " + format_metrics(pop))
     return metrics
+
+
+class NothingToEvaluate(ValueError):
+    """No user of the split has a target item the model knows (the data share no items with it)."""
+
+
+@dataclass(frozen=True)
+class RunEvaluation:
+    """What ``evaluate_run`` measured, and on what: the model, the data, the protocol, the users
+    evaluated (and skipped: their target is unknown to the model) and the metrics."""
+
+    model_version: str
+    attention: str
+    data: str
+    split: str
+    protocol: str
+    history: str
+    users: int
+    skipped_users: int
+    metrics: dict[str, float]
+
+    def to_dict(self) -> dict:
+        """One flat record (the metrics beside the rest), as ``evaluate --json`` prints it."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "metrics"}
+        return {**fields, **self.metrics}
+
+
+def evaluate_run(model: LinRecModel, vocab: Vocab, prepared: Prepared, split: str = "test",
+                 protocol: str = "full", seed: int = 0, history: str = "window") -> RunEvaluation:
+    """Evaluate a trained model (``run_dir.load_run``'s model and vocabulary) on the ``split``
+    users of ``prepared``, data that need not be the data it was trained on: their items are
+    mapped into its ids (``remap``).
+
+    ``protocol``: "full" (rank every item) or "pop100" (the target against 100 negatives drawn
+    by popularity, seeded by ``seed``); the popularity counts are the users' training events
+    (the "valid" inputs: every event but the test target), so the test target never counts.
+    ``history``: "window" (the last max_len events, as in training) or "full" (every event, as a
+    worker's state holds them). Raises ``NothingToEvaluate`` if no target is known."""
+    data, skipped = remap(prepared.split, vocab, split)
+    if len(data) == 0:
+        raise NothingToEvaluate("no user's target item is known to the model")
+    train_seqs = [s[s != 0] for s in remap(prepared.split, vocab, "valid")[0].inputs]
+    pop = popularity_counts(train_seqs, model.config.num_items)
+    metrics = evaluate(model, data, protocol=protocol, popularity=pop, seed=seed, history=history)
+    return RunEvaluation(model.version, model.config.attention, str(prepared.source), split, protocol, history,
+                         len(data), skipped, metrics)
 
 
 def remap(split: LeaveOneOut, vocab: Vocab, which: str) -> tuple[EvalSet, int]:

@@ -34,6 +34,9 @@ from torch import Tensor
 
 from linrec_stream.training.evaluate import HISTORIES, EvalSet, batch_ranges, evaluate, left_pad
 from linrec_stream.model import LinRecModel, ModelConfig
+# resolve_device moved to the model layer (a worker needs it without training code); it is
+# re-exported here for the callers that import it from training.
+from linrec_stream.model.device import resolve_device  # noqa: F401
 from linrec_stream.model.run_dir import MODEL_FILE, Vocab, load_run, save_run
 from linrec_stream.model.ops import OPS
 
@@ -85,14 +88,6 @@ class History:
     best_epoch: int = -1
     best_ndcg: float = -math.inf
     bad_epochs: int = 0
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but no CUDA GPU is available")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
