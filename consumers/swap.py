@@ -91,6 +91,9 @@ class ModelSwaps:
             log.error("worker: cannot load announced model %s (%s); still serving %s", version[:12], exc,
                       self.serving.version[:12])
             return
+        # Every state staged so far goes to the store first: the sweep visits the users the
+        # store lists, so none built by the old model may be waiting in memory.
+        self.checkpoint.commit_store()
         old, self.serving = self.serving, new
         self.metrics.observe_model(new.version, previous=old.version)
         parts = sorted(assigned)
@@ -119,11 +122,11 @@ class ModelSwaps:
                     sw.users.extend(self.store.users(p))
                 continue
             chunk.append(sw.users.popleft())
-        stored = self.store.get_many(chunk)
+        stored = self.checkpoint.read(chunk)  # a newer staged record wins over the stored one
         todo = [r for r in stored.values() if r.partition in assigned and r.model_version != self.serving.version]
         if todo:
             result = rebuild_batch(self.serving, todo, self.top_k, self.topic)
-            self.checkpoint.commit(result)
+            self.checkpoint.commit(assigned, result)
             sw.rebuilt += result.rebuilt
             self.metrics.observe_batch_result(result)
         if sw.users or sw.partitions:

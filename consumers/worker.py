@@ -14,18 +14,19 @@ This module is the loop; its parts are each in their own module:
 * consumers/swap.py: the model served, hot swaps and the sweep that rebuilds stale states;
 * consumers/metrics.py: the Prometheus series and the summary line, fed each batch's result.
 
-Per micro-batch (up to ``batch_size`` events or ``batch_ms`` after the first one):
+Per micro-batch (what the consumer holds, up to ``batch_size`` events; it does not wait for more):
 
 1. validate every message; malformed ones are routed to the dead-letter topic;
 2. ``apply_batch``: per user, the new events (those after the user's stored offset) applied in
-   one ``model.encode`` call from the stored state; each touched user's newest state scored;
-3. ``Checkpoint.commit``: produce recommendations, dead letters and changelog records and
-   flush; commit the new states and every partition's next offset to rocksdict in one write
-   batch; commit the consumer group's offsets (used only when another machine restores from
-   the changelog).
+   one ``model.encode`` call from the stored (or staged) state; each touched user's newest
+   state scored;
+3. ``Checkpoint.add``: recommendations and dead letters sent at once, the new records staged;
+   ``Checkpoint.maybe_commit``: the store commit (states and offsets, one synced write batch)
+   every ``checkpoint_ms``, the changelog commit (dirty users' records, then group offsets)
+   every ``changelog_ms``, both at once whenever the worker is caught up.
 
-A crash before the store commit re-delivers the batch (recommendations and dead letters may
-repeat: they are at-least-once); a crash after it resumes behind it. Either way every event
+A crash re-applies, from the store's offsets, the events staged since its last commit
+(recommendations and dead letters may repeat: they are at-least-once). Either way every event
 affects its user's state exactly once: the store's offsets say where to resume, and an event at
 or below a user's stored offset is skipped.
 """
@@ -43,7 +44,7 @@ from typing import Callable
 import torch
 
 from consumers.batch import apply_batch
-from consumers.checkpoint import Checkpoint
+from consumers.checkpoint import Checkpoint, CheckpointPolicy
 from consumers.metrics import WorkerMetrics
 from consumers.serving import ServingModel
 from consumers.swap import ModelSwaps
@@ -147,7 +148,8 @@ class StreamWorker:
         self.limits = Limits(settings.max_event_bytes, settings.max_id_chars)
         self.checkpoint = Checkpoint(p.producer, p.changelog, p.store, p.consumer,
                                      recommendations_topic=settings.topic_recommendations,
-                                     dead_letter_topic=settings.topic_dead_letter)
+                                     dead_letter_topic=settings.topic_dead_letter,
+                                     policy=CheckpointPolicy(settings.checkpoint_ms, settings.changelog_ms))
         self.swaps = ModelSwaps(p.serving, self.checkpoint, p.store, p.metrics, follower=p.follower,
                                 registry=p.registry, device=options.device, swap_batch=options.swap_batch,
                                 top_k=settings.top_k, topic=settings.topic_interactions)
@@ -163,6 +165,10 @@ class StreamWorker:
         """Position the partitions of the last rebalance; returns their numbers (records already
         fetched for them came from the group's position and must be dropped)."""
         pending = self.consumer.take_assigned()
+        if pending:
+            # What is staged goes to the store and the changelog first: a partition that comes
+            # back stale is restored from the changelog, and no staged state may shadow that.
+            self.checkpoint.commit(self.consumer.assigned())
         for partition in sorted(pending):
             self._position(partition)
         return pending
@@ -210,6 +216,9 @@ class StreamWorker:
                     log.info("worker: idle for %.0fs, exiting", idle_exit_s)
                     break
                 if not records:
+                    # Caught up: commit everything now, so what is applied is durable everywhere
+                    # (and the group's offsets show it) within one poll of the stream going quiet.
+                    self._observe_commits(self.checkpoint.maybe_commit(self.consumer.assigned(), idle=True))
                     self.consumer.rejoin_if_stuck()
                 if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
                     self._log_summary()
@@ -226,12 +235,13 @@ class StreamWorker:
         self._last_summary = time.monotonic()
 
     def _take(self, wait_ms: int = 200) -> list[InputRecord]:
-        """Up to batch_size records, waiting at most batch_ms after the first one arrives (and
-        ``wait_ms`` for the first one)."""
+        """Up to batch_size records: waits ``wait_ms`` for the first one, then takes what is
+        already there, never waiting for more (without a backlog a lone event is processed at
+        once, so latency at low rates is not ``batch_ms``); ``batch_ms`` bounds the gathering."""
         out: list[InputRecord] = []
         deadline = None
         while len(out) < self.options.batch_size:
-            timeout = wait_ms if deadline is None else max(0, int((deadline - time.monotonic()) * 1000))
+            timeout = wait_ms if deadline is None else 0
             polled = self.consumer.poll(timeout, self.options.batch_size - len(out))
             repositioned = self._position_pending()
             if repositioned:
@@ -242,8 +252,8 @@ class StreamWorker:
                 deadline = time.monotonic() + self.options.batch_ms / 1000
             if deadline is None and not polled:
                 return out  # idle: let the caller check stop / summary
-            if deadline is not None and time.monotonic() >= deadline:
-                break
+            if not polled or (deadline is not None and time.monotonic() >= deadline):
+                break  # no backlog (or gathered long enough): go with what there is
         # Stream order within each partition is what matters; keep it.
         out.sort(key=lambda r: (r.partition, r.offset))
         return out
@@ -260,16 +270,26 @@ class StreamWorker:
             (events if isinstance(parsed, Interaction) else rejected).append(parsed)
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
         t_parsed = time.perf_counter()
-        stored = self.store.get_many({e.user for e in events})
+        stored = self.checkpoint.read(e.user for e in events)
         t_read = time.perf_counter()
         result = self.options.apply(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
 
-        committed = self.checkpoint.commit(result, rejected, next_offsets)
-        stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings, **committed}
+        sent = self.checkpoint.add(result, rejected, next_offsets)
+        committed = self.checkpoint.maybe_commit(self.consumer.assigned())
+        stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings, **sent, **committed}
         self.metrics.observe_batch_result(result, rejected, stages, consumed=len(records))
         if rejected:
             log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
                         ", ".join(sorted({r.reason for r in rejected})))
 
+    def _observe_commits(self, seconds: dict[str, float]) -> None:
+        for stage, secs in seconds.items():
+            self.metrics.observe_stage(stage, secs)
+
     def close(self) -> None:
+        """Commit what is staged (a clean stop leaves nothing to re-apply), then close the parts."""
+        try:
+            self.checkpoint.commit(self.consumer.assigned())
+        except Exception as exc:  # the store's offsets still say where to resume
+            log.warning("worker: final commit failed (%s); the next start re-applies the staged events", exc)
         self.parts.close()

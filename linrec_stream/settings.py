@@ -112,6 +112,12 @@ class Settings:
         10_000, "worker: consumer group session timeout; a crashed worker's partitions move after this", _check_positive
     )
     summary_every_s: float = _setting(10.0, "worker: seconds between summary log lines", _check_positive)
+    checkpoint_ms: int = _setting(
+        1000, "worker: states and offsets to the local store at least this often (a crash re-applies at most "
+        "this much of the stream)", _check_positive)
+    changelog_ms: int = _setting(
+        10_000, "worker: changed states to the changelog, then group offsets, at least this often (another "
+        "machine restores from there; each user once per interval)", _check_positive)
 
     def __post_init__(self) -> None:
         # Every construction path (load, the constructor, replace) is checked the same way, so

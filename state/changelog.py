@@ -7,25 +7,28 @@ Compaction keeps the newest value per user, so the topic stays about one record 
 
 Exactly-once effect on state, across machines
 ---------------------------------------------
-The worker runs each micro-batch in this order:
+The worker (consumers/checkpoint.py) commits in this order, the store at one interval and the
+changelog at a longer one:
 
 1. apply the events (skipping those ``record.already_applied`` says are in the state);
-2. ``Changelog.publish(records)``: send + flush, acks=all, idempotent producer;
-3. ``StateStore.commit(records, next_offsets)``: states + next offsets, one synced WriteBatch;
-4. commit the consumer group's offsets (= the same next offsets).
+2. ``StateStore.commit(records, next_offsets, mark_dirty=True)``: states + next offsets + a
+   "not yet in the changelog" mark per user, one synced WriteBatch;
+3. ``Changelog.publish`` of every marked user's stored record: send + flush, acks=all,
+   idempotent producer;
+4. commit the consumer group's offsets (the store's next offsets at 2), then clear the marks.
 
-Invariant: changelog ⊇ store ⊇ group offset. Everything the store holds was published first,
-and the group offset only moves after both.
+Invariant: store ⊇ changelog ⊇ group offset, and everything the store holds beyond the changelog
+is marked, durably, in the store itself.
 
 * Restart on the same disk: resume each partition at ``store.next_offset(p)``. A crash between
-  2 and 3 leaves published records the store lacks: the events are re-read and re-applied to
-  the older stored state, giving the same records again (a duplicate in the changelog that
-  compaction removes). Publishing *after* the store commit instead would leave a hole: a crash
-  between the two, then a resume at the store's offset, and those records are never published;
-  a later restore elsewhere (at a group offset past them) would silently lose those events.
+  2 and 3 leaves stored records the changelog lacks; their marks survive, so the next changelog
+  commit publishes them (publishing after the store commit without marks would leave a hole:
+  those records would never be published, and a later restore elsewhere, at a group offset
+  past them, would silently lose those events). A crash between 3 and 4 publishes them again
+  (a duplicate that compaction removes).
 * Empty state directory (new machine, lost disk): ``restore`` the assigned partitions, then
   resume at the group's committed offset c. Every event before c is in the changelog (step 4
-  follows step 2). The changelog may also hold records of events at or after c (published,
+  follows step 3). The changelog may also hold records of events at or after c (published,
   group commit not yet done): when those events are re-delivered, ``already_applied`` drops
   them per user, since each user's record carries its last applied (partition, offset).
 * A partition that comes back after another worker advanced it (c > store.next_offset(p)):

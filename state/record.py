@@ -105,7 +105,15 @@ class UserRecord:
     # --- bytes ---------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """The versioned binary form (module docstring). Raises RecordError if a string is too long."""
+        """The versioned binary form (module docstring). Raises RecordError if a string is too long.
+
+        Encoded once per record and kept: the store and the changelog write the same bytes."""
+        cached = self.__dict__.get("_encoded")
+        if cached is None:
+            cached = self.__dict__["_encoded"] = self._encode()
+        return cached
+
+    def _encode(self) -> bytes:
         parts = [
             _HEADER.pack(
                 MAGIC, FORMAT_VERSION, _FLAG_EVENT_ID if self.event_id is not None else 0,

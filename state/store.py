@@ -5,6 +5,7 @@ Key layout (one RocksDB, prefixes keep the kinds apart and make each a contiguou
     b"u" + user (UTF-8)                  -> UserRecord.to_bytes()
     b"o" + partition (u32 big-endian)     -> next interactions offset to consume (i64 big-endian)
     b"i" + partition (u32 BE) + user      -> b""  (which users a partition holds, for drop_partitions)
+    b"d" + user (UTF-8)                  -> b""  (committed here, not yet in the changelog)
     b"m" + name                           -> store metadata (format version)
 
 Exactly-once effect on state
@@ -39,6 +40,7 @@ STORE_FORMAT = b"1"
 _USER = b"u"
 _OFFSET = b"o"
 _INDEX = b"i"
+_DIRTY = b"d"
 _META_FORMAT = b"mformat"
 _PART = struct.Struct(">I")  # big-endian so keys sort by partition
 _OFF = struct.Struct(">q")
@@ -154,13 +156,17 @@ class StateStore:
     # --- writes --------------------------------------------------------------------------------
 
     def commit(
-        self, records: Iterable[UserRecord], next_offsets: Mapping[int, int], *, sync: bool | None = None
+        self, records: Iterable[UserRecord], next_offsets: Mapping[int, int], *, sync: bool | None = None,
+        mark_dirty: bool = False,
     ) -> None:
         """Atomically store ``records`` and each partition's next offset.
 
         ONE WriteBatch holds every record and every offset; with ``sync`` (default: the store's)
         the WAL is fsynced before returning, so a SIGKILL or power loss never separates a state
         from the offset that produced it. A later record of the same user in ``records`` wins.
+        ``mark_dirty``: note in the same batch that these users' records are not yet in the
+        changelog (``dirty_users``), so a crash before the changelog is written cannot make the
+        worker forget to publish them.
         ``next_offsets`` may be empty (e.g. restore) or hold partitions without records (a batch
         of dead letters only); offsets are stored as given (the worker never moves them back).
         """
@@ -168,6 +174,8 @@ class StateStore:
         for rec in records:
             batch.put(_user_key(rec.user), rec.to_bytes())
             batch.put(_index_key(rec.partition, rec.user), b"")
+            if mark_dirty:
+                batch.put(_DIRTY + rec.user.encode("utf-8"), b"")
         for partition, offset in next_offsets.items():
             if offset < 0:
                 raise ValueError(f"next offset of partition {partition} must be >= 0, got {offset}")
@@ -176,6 +184,19 @@ class StateStore:
             return
         sync = self._sync_default if sync is None else sync
         self.db.write(batch, self._write_sync if sync else self._write_nosync)
+
+    def dirty_users(self) -> list[str]:
+        """Users committed with ``mark_dirty`` and not cleared since: their records still have to
+        be published to the changelog."""
+        return [k[1:].decode("utf-8") for k, _ in self._scan(_DIRTY, values=False)]
+
+    def clear_dirty(self, users: Iterable[str]) -> None:
+        """The records of ``users`` are in the changelog now (no sync: a lost clear republishes)."""
+        batch = WriteBatch(raw_mode=True)
+        for u in users:
+            batch.delete(_DIRTY + u.encode("utf-8"))
+        if not batch.is_empty():
+            self.db.write(batch, self._write_nosync)
 
     def sync_wal(self) -> None:
         """fsync the WAL: makes every earlier ``commit(sync=False)`` durable against power loss."""

@@ -492,3 +492,27 @@ def test_bidir_is_offline_only():
         model.init_state(1)
     with pytest.raises(StreamingUnsupported):
         model.encode(seq)
+
+
+@pytest.mark.parametrize("attention", ["linrec_decay", "linrec_seqnorm", "linear", "softmax"])
+def test_batch_byte_forms_equal_the_per_user_ones(attention: str):
+    model = LinRecModel(ModelConfig(num_items=30, hidden_size=16, num_heads=2, num_layers=2,
+                                    attention=attention)).eval()
+    with torch.inference_mode():
+        _, state = model.encode(torch.randint(0, 31, (7, 9)))
+    each = [state[i].to_bytes() for i in range(len(state))]
+    assert state.to_bytes_each() == each
+    one_by_one = UserState.stack([UserState.from_bytes(b) for b in each])
+    batch = UserState.from_bytes_many(each)
+    for name in ("num_events", "S", "z", "k", "v", "kv_mask"):
+        a, b = getattr(one_by_one, name), getattr(batch, name)
+        assert (a is None and b is None) or torch.equal(a, b), name
+    corrupt = bytearray(each[3])
+    corrupt[-1] ^= 0xFF
+    with pytest.raises(StateFormatError, match="CRC"):
+        UserState.from_bytes_many([*each[:3], bytes(corrupt)])
+    other = LinRecModel(ModelConfig(num_items=30, hidden_size=16, num_heads=2, num_layers=2, attention=attention))
+    with torch.inference_mode():
+        _, foreign = other.encode(torch.randint(0, 31, (1, 4)))
+    with pytest.raises(StateMismatchError):
+        UserState.from_bytes_many([*each[:2], foreign.to_bytes()])

@@ -399,3 +399,16 @@ def test_restored_model_state_continues_exactly_like_the_original(changelog: Cha
         # and both still equal the parallel form over the whole sequence
         h_full = model(torch.tensor([full + more]))[0, -1]
         torch.testing.assert_close(hb[0], h_full, rtol=1e-4, atol=1e-5)
+
+
+def test_dirty_marks_are_written_with_the_records_and_cleared_on_request(tmp_path: Path):
+    rec = UserRecord("ü", b"s", "v", ("i",), 1, 0, 5, None, 1e9)
+    with StateStore(tmp_path / "s") as store:
+        store.commit([rec], {0: 6})
+        assert store.dirty_users() == []  # not asked for: a restore writes no marks
+        store.commit([rec, UserRecord("b", b"s", "v", (), 1, 1, 2, None, 1e9)], {0: 6}, mark_dirty=True)
+        assert sorted(store.dirty_users()) == ["b", "ü"] and len(store) == 2  # marks are not users
+        store.clear_dirty(["ü"])
+        assert store.dirty_users() == ["b"]
+    with StateStore(tmp_path / "s") as store:  # durable across a reopen
+        assert store.dirty_users() == ["b"]

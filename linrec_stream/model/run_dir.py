@@ -57,8 +57,7 @@ class Vocab:
 
     def ids(self, external: Iterable[str]) -> list[int]:
         """Model ids of the known items among ``external``, in order (unknown ones dropped)."""
-        index = self.index
-        return [index[i] for i in external if i in index]
+        return [k for k in map(self.index.get, external) if k is not None]
 
     def __len__(self) -> int:
         return len(self.items)

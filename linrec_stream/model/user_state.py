@@ -75,6 +75,8 @@ MAGIC = b"LRUS"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sHH16sBBHHHHQQI")
 HEADER_SIZE = _HEADER.size  # 54
+_N_EVENTS_AT = 34  # where the per-user part of the header starts: events, cache length, CRC
+_TAIL = struct.Struct("<QQI")
 
 VARIANT_CODES = {"linrec": 1, "linrec_seqnorm": 2, "linear": 3, "softmax": 4, "linrec_decay": 5}
 DTYPE_CODES = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3, torch.float64: 4}
@@ -226,6 +228,60 @@ class UserState:
             zlib.crc32(payload),
         )
         return header + payload
+
+    def to_bytes_each(self, dtype: torch.dtype | None = None) -> list[bytes]:
+        """``[self[i].to_bytes(dtype) for i in range(len(self))]``, the same bytes, made for the
+        whole batch at once: one device-to-host copy and one conversion instead of one per user
+        (a softmax cache, whose users differ in length, goes user by user)."""
+        dtype = self.dtype if dtype is None else dtype
+        if self.k is not None or len(self) == 0:
+            return [self[i].to_bytes(dtype) for i in range(len(self))]
+        if dtype not in DTYPE_CODES:
+            raise ValueError(f"dtype must be one of {list(DTYPE_CODES)}, got {dtype}")
+        if self.attention not in VARIANT_CODES:
+            raise ValueError(f"no byte format for attention {self.attention!r}")
+        B, L, H, d = self.S.shape[:4]
+        parts = [_tensor_bytes(t, dtype) for t in (self.S, self.z) if t is not None]
+        sizes = [len(p) // B for p in parts]
+        version, vcode, dcode = bytes.fromhex(self.model_version), VARIANT_CODES[self.attention], DTYPE_CODES[dtype]
+        out = []
+        for i, n in enumerate(self.num_events.tolist()):
+            payload = b"".join(p[i * size:(i + 1) * size] for p, size in zip(parts, sizes))
+            out.append(_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, version, vcode, dcode, L, H, d, 0, n, 0,
+                                    zlib.crc32(payload)) + payload)
+        return out
+
+    @staticmethod
+    def from_bytes_many(blobs: Sequence[bytes]) -> UserState:
+        """``UserState.stack([UserState.from_bytes(b) for b in blobs])``, read as one batch: every
+        blob is checked as ``from_bytes`` checks it (its own CRC-32 too), the payloads are
+        converted in one go. The states must share a model and sizes (StateMismatchError
+        otherwise); a softmax cache goes user by user."""
+        if not blobs:
+            raise ValueError("UserState.from_bytes_many needs at least one state")
+        first = UserState.from_bytes(blobs[0])
+        if first.k is not None or len(blobs) == 1:
+            return UserState.stack([first, *(UserState.from_bytes(b) for b in blobs[1:])])
+        head = bytes(blobs[0][:_N_EVENTS_AT])
+        counts, payloads = [], []
+        for blob in blobs:
+            if len(blob) != len(blobs[0]) or blob[:_N_EVENTS_AT] != head:
+                # Another model, variant, dtype or size: let from_bytes and stack name the difference.
+                UserState.stack([first, UserState.from_bytes(blob)])
+                raise StateFormatError("user state header differs from the batch's first")  # pragma: no cover
+            (n, T, crc) = _TAIL.unpack_from(blob, _N_EVENTS_AT)
+            payload = blob[HEADER_SIZE:]
+            if T != 0 or n >= 2**63:
+                UserState.from_bytes(blob)  # raises, naming what is wrong
+            if zlib.crc32(payload) != crc:
+                raise StateFormatError("corrupted user state: the payload's CRC-32 does not match")
+            counts.append(n)
+            payloads.append(payload)
+        flat = torch.frombuffer(bytearray(b"".join(payloads)), dtype=first.dtype).reshape(len(blobs), -1)
+        S_size = first.S[0].numel()
+        S = flat[:, :S_size].reshape(len(blobs), *first.S.shape[1:])
+        z = None if first.z is None else flat[:, S_size:].reshape(len(blobs), *first.z.shape[1:])
+        return UserState(first.attention, first.model_version, torch.tensor(counts, dtype=torch.int64), S=S, z=z)
 
     @staticmethod
     def from_bytes(blob: bytes, expect_model: StateOwner | None = None) -> UserState:
