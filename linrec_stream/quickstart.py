@@ -38,7 +38,7 @@ Log = Callable[[str], None]
 @dataclass(frozen=True)
 class QuickstartOptions:
     data: str = "ml-1m"
-    model_dir: Path | None = None  # default: <runtime>/quickstart/model, trained when absent
+    model_dir: Path | None = None  # default: <runtime>/quickstart/model-<data file stem>, trained when absent
     warm_fraction: float = 0.9
     live_rate: float = 1000.0  # events/s for the last part
     train_epochs: int = 3
@@ -79,7 +79,8 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
 
         path = resolve_data(opts.data, settings.path(settings.data_dir), log=log)
         log(f"[2/{steps}] data: {path}")
-        model_dir = opts.model_dir or home / "model"
+        # One trained model per log: a model of another data set knows none of its items.
+        model_dir = opts.model_dir or home / f"model-{path.stem}"
         if missing_files(model_dir):
             _train_quick(path, model_dir, settings, opts.train_epochs, log)
         log(f"[3/{steps}] model: {model_dir}")
