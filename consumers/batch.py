@@ -22,6 +22,7 @@ import time
 from collections import OrderedDict
 from itertools import chain
 from dataclasses import dataclass, field, replace
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -111,13 +112,9 @@ def rank_top_k(
     if not rows:
         return {}
     scores = serving.model.score(h_last[rows]).float()  # (S, I+1)
-    # Every row's seen items masked in one scatter (a per-row loop cost 20-27 ms per 512 users);
-    # the indices go through numpy, as torch.tensor of a long Python list is slow.
-    lengths = np.fromiter((len(seen[row]) for row in rows), dtype=np.int64, count=len(rows))
-    total = int(lengths.sum())
-    if total:
-        cols = np.fromiter(chain.from_iterable(seen[row] for row in rows), dtype=np.int64, count=total)
-        row_idx = np.repeat(np.arange(len(rows)), lengths)
+    # Every row's seen items masked in one scatter (a per-row loop cost 20-27 ms per 512 users).
+    _, row_idx, cols = _ragged([seen[row] for row in rows])
+    if len(cols):
         scores[torch.from_numpy(row_idx).to(scores.device), torch.from_numpy(cols).to(scores.device)] = _MASKED
     vals, idx = scores.topk(min(top_k, serving.model.config.num_items), dim=1)
     return {row: (idx[j].tolist(), vals[j].tolist()) for j, row in enumerate(rows)}
@@ -137,16 +134,23 @@ def make_recommendation(
 
 def _left_padded(rows: list[list[int]]) -> Tensor:
     """(U, R) int64, each row's ids right-aligned, 0 on the left (R >= 1)."""
-    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    lengths, row_idx, values = _ragged(rows)
     width = max(1, int(lengths.max(initial=0)))
     items = np.zeros((len(rows), width), dtype=np.int64)
     # Row r's ids go to columns width - len_r .. width - 1: one fancy-indexed assignment.
-    total = int(lengths.sum())
-    if total:
-        row_idx = np.repeat(np.arange(len(rows)), lengths)
-        col_idx = np.arange(total) - np.repeat(np.cumsum(lengths) - lengths, lengths) + np.repeat(width - lengths, lengths)
-        items[row_idx, col_idx] = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)
+    if len(values):
+        col_idx = np.arange(len(values)) - (np.cumsum(lengths) - lengths)[row_idx] + (width - lengths)[row_idx]
+        items[row_idx, col_idx] = values
     return torch.from_numpy(items)
+
+
+def _ragged(rows: Sequence[Sequence[int]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of ids of different lengths as flat int64 arrays: (lengths (R,), row of each id
+    (N,), the ids (N,)). Through numpy: torch.tensor of a long Python list is slow."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    total = int(lengths.sum())
+    values = np.fromiter(chain.from_iterable(rows), dtype=np.int64, count=total)
+    return lengths, np.repeat(np.arange(len(rows)), lengths), values
 
 
 @torch.inference_mode()

@@ -163,9 +163,13 @@ class UserRecord:
         if flags & ~_FLAG_EVENT_ID or reserved:
             raise RecordError(f"unknown flags {flags:#x} / reserved field {reserved} in user record")
         try:
-            return cls(user, state, model_version, window, events, partition, offset, event_id, last_ts)
+            rec = cls(user, state, model_version, window, events, partition, offset, event_id, last_ts)
         except RecordError as e:
             raise RecordError(f"invalid user record: {e}") from None
+        # The encoding is a function of the fields, so the checked bytes are its to_bytes(): a
+        # record read back and published to the changelog is not encoded again.
+        rec.__dict__["_encoded"] = blob
+        return rec
 
 
 def _utf8(s: str, what: str) -> bytes:

@@ -412,3 +412,9 @@ def test_dirty_marks_are_written_with_the_records_and_cleared_on_request(tmp_pat
         assert store.dirty_users() == ["b"]
     with StateStore(tmp_path / "s") as store:  # durable across a reopen
         assert store.dirty_users() == ["b"]
+
+
+def test_a_record_read_back_gives_the_same_bytes_as_encoding_it_again():
+    rec = UserRecord("ü-user", b"\x00state", "v1", ("i1", "é2", "i3"), 3, 2, 41, "evt", 1e9)
+    back = UserRecord.from_bytes(rec.to_bytes())
+    assert back.to_bytes() == rec.to_bytes() == back._encode()
