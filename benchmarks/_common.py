@@ -71,8 +71,9 @@ def prefill(state_dir: Path, model_dir: Path, users: int, history: int, num_item
             states = None
             if serving.model.config.attention != "softmax":
                 _, states = serving.model.encode(torch.tensor(windows))
+            # The windows are model ids already (the records' vocabulary tag says whose).
             records = [UserRecord(u, states[i].to_bytes() if states is not None else b"", serving.version,
-                                  tuple(f"i{x}" for x in w), history, MAX_PARTITION, 0, None, 1e9)
+                                  tuple(w), history, MAX_PARTITION, 0, None, 1e9, *serving.vocab_tag)
                        for i, (u, w) in enumerate(zip(names, windows))]
             store.commit(records, {})
 

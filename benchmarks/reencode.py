@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from consumers.batch import BatchResult, ServingModel, make_recommendation, new_events_by_user, new_windows, rank_top_k
+from consumers.batch import (BatchResult, ServingModel, make_recommendation, new_events_by_user, new_windows, rank_top_k,
+                             stored_windows)
 from linrec_stream.contracts.events import Interaction
 from state.record import UserRecord
 
@@ -32,8 +33,10 @@ def reencode_batch(
     users = list(per_user)
     if not users:
         return result
-    windows = new_windows(stored, per_user, window)
-    ids = [serving.ids(w) or [0] for w in windows]
+    old = stored_windows(serving, stored, users, result)
+    windows = new_windows([old.get(u, ()) for u in users], [serving.ids(e.item for e in per_user[u]) for u in users],
+                          window)
+    ids = [w or (0,) for w in windows]
     n = max(len(x) for x in ids)
     seq = torch.zeros(len(users), n, dtype=torch.int64)
     for row, x in enumerate(ids):
@@ -50,7 +53,7 @@ def reencode_batch(
         result.applied += len(evs)
         result.records.append(UserRecord(user, b"", serving.version, windows[row],
                                          (rec.events if rec else 0) + len(evs), last.source.partition,
-                                         last.source.offset, last.event_id, last.ts))
+                                         last.source.offset, last.event_id, last.ts, *serving.vocab_tag))
         result.recommendations.append(make_recommendation(
             serving, user, top_items[row], last.source, last.event_id, last.ts, produced_at))
     result.timings = {"load": t1 - t0, "update": t2 - t1, "score": t3 - t2, "pack": time.perf_counter() - t3}

@@ -7,9 +7,17 @@ user's state is loaded, all of a user's new events are applied in one ``model.en
 from that state (equal to stepping them one by one), and each touched user's newest hidden
 state is scored once.
 
-Unknown items (not in the model's vocabulary) are valid events: they enter the user's recent
-window and event count (so the next retraining sees them) but leave the model state unchanged;
-a user whose batch held only unknown items gets no new recommendation from that batch.
+A record's window holds the model ids of the user's recent known items (state/record.py), so
+the seen-item mask and a rebuild need no string mapping. Unknown items (not in the model's
+vocabulary) are valid events: they count in the user's ``events`` but enter neither the state
+nor the window (the retraining that learns them reads the archived interactions topic, not the
+window); a user whose batch held only unknown items gets no new recommendation from that batch.
+A stored window whose ids index a vocabulary the serving one does not extend, and that
+``ServingModel.vocab_of`` cannot map, is dropped: the state is rebuilt from the empty state
+(counted in ``BatchResult.windows_dropped``, for the caller to log).
+
+States are stored in ``serving.state_dtype`` (float16/bfloat16 halve the bytes) and computed
+in the model's dtype.
 
 ``new_events_by_user``, ``new_windows``, ``rank_top_k`` and ``make_recommendation`` are the
 building blocks of any batch function with ``apply_batch``'s signature (``WorkerOptions.apply``;
@@ -22,7 +30,7 @@ import time
 from collections import OrderedDict
 from itertools import chain
 from dataclasses import dataclass, field, replace
-from typing import Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +42,7 @@ from linrec_stream.model import StateMismatchError, UserState
 from state.record import UserRecord
 
 __all__ = ["BatchResult", "ServingModel", "apply_batch", "make_recommendation", "new_events_by_user", "new_windows",
-           "rank_top_k", "rebuild_batch", "rebuild_state"]
+           "rank_top_k", "rebuild_batch", "rebuild_state", "stored_windows"]
 
 
 _MASKED = float("-inf")  # the score of an excluded (seen) item
@@ -48,6 +56,7 @@ class BatchResult:
     duplicates: int = 0  # events a stored state already contained
     unknown_items: int = 0
     rebuilt: int = 0  # states rebuilt from their window (made by another model version)
+    windows_dropped: int = 0  # stored windows of an unreadable vocabulary: states rebuilt from scratch
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, update, score, pack
 
 
@@ -67,24 +76,32 @@ def apply_batch(
     per_user = new_events_by_user(stored, events, result)
     if not per_user:
         return result
-    users, batch_state, rebuilt = _load_states(serving, list(per_user), stored)
+    old_windows = stored_windows(serving, stored, per_user, result)
+    users, batch_state, rebuilt = _load_states(serving, list(per_user), stored, old_windows)
     per_user = OrderedDict((u, per_user[u]) for u in users)  # in the batch's row order
     result.rebuilt += rebuilt
     t1 = time.perf_counter()
 
     new_ids = [serving.ids([e.item for e in per_user[u]]) for u in users]
-    items = _left_padded(new_ids)  # (U, R)
-    h, new_state = model.encode(items.to(model.device), batch_state)  # (U, R, D)
-    h_last = h[:, -1]  # newest known event of each user (left padding)
+    items = _left_padded(new_ids).to(model.device)  # (U, R)
+    if items.shape[1] == 1:
+        # At most one known new event per user (the usual batch once users spread over the
+        # stream): the one-event form equals encode and is ~15% cheaper for (U, 1) input (512
+        # users, width 64, 2 layers, CPU: 9.6 against 11.1 ms). An item 0 leaves a state as is.
+        h_last, new_state = model.step(batch_state, items[:, 0])  # (U, D)
+    else:
+        h, new_state = model.encode(items, batch_state)  # (U, R, D)
+        h_last = h[:, -1]  # newest known event of each user (left padding)
     t2 = time.perf_counter()
 
-    windows = new_windows(stored, per_user, window)
+    windows = new_windows([old_windows.get(u, ()) for u in users], new_ids, window)
     scored = [row for row, ids in enumerate(new_ids) if ids]
-    top_items = rank_top_k(serving, h_last, scored, [serving.ids(w) for w in windows], top_k)
+    top_items = rank_top_k(serving, h_last, scored, windows, top_k)
     t3 = time.perf_counter()
 
     produced_at = time.time() if now is None else now
-    state_bytes = new_state.to("cpu").to_bytes_each()  # one copy and conversion for the batch
+    state_bytes = _state_bytes(serving, new_state)
+    vocab_size, v_crc = serving.vocab_tag
     for row, user in enumerate(users):
         evs = per_user[user]
         last = evs[-1]
@@ -94,7 +111,8 @@ def apply_batch(
         result.records.append(UserRecord(
             user=user, state=state_bytes[row], model_version=serving.version, window=windows[row],
             events=(rec.events if rec is not None else 0) + len(evs), partition=last.source.partition,
-            offset=last.source.offset, event_id=last.event_id, last_ts=last.ts,
+            offset=last.source.offset, event_id=last.event_id, last_ts=last.ts, vocab_size=vocab_size,
+            vocab_crc=v_crc,
         ))
         if row in top_items:
             result.recommendations.append(make_recommendation(
@@ -105,7 +123,7 @@ def apply_batch(
 
 
 def rank_top_k(
-    serving: ServingModel, h_last: Tensor, rows: list[int], seen: list[list[int]], top_k: int
+    serving: ServingModel, h_last: Tensor, rows: list[int], seen: Sequence[Sequence[int]], top_k: int
 ) -> dict[int, tuple[list[int], list[float]]]:
     """Top-k item ids and scores for the given rows of h_last (U, D), each row's ``seen`` item
     ids (its recent window) excluded."""
@@ -117,7 +135,8 @@ def rank_top_k(
     if len(cols):
         scores[torch.from_numpy(row_idx).to(scores.device), torch.from_numpy(cols).to(scores.device)] = _MASKED
     vals, idx = scores.topk(min(top_k, serving.model.config.num_items), dim=1)
-    return {row: (idx[j].tolist(), vals[j].tolist()) for j, row in enumerate(rows)}
+    ids, values = idx.tolist(), vals.tolist()  # two conversions, not two per row
+    return {row: (ids[j], values[j]) for j, row in enumerate(rows)}
 
 
 def make_recommendation(
@@ -160,24 +179,28 @@ def rebuild_batch(
     """After a model swap: the records built by another version, rebuilt under ``serving``.
 
     Each stale record's state becomes the new model's encoding of its stored window (from the
-    empty state), tagged with the new version; everything else in the record (window, events,
-    offsets) is unchanged, so the swap neither applies nor drops an event. Each rebuilt user with
-    a known item in its window gets a fresh recommendation (``trigger="model_swap"``)."""
+    empty state), tagged with the new version; the window is rewritten as the new model's ids
+    (the same items, less those its vocabulary lacks; dropped when unreadable, see the module
+    docstring); everything else (events, offsets) is unchanged, so the swap neither applies nor
+    drops an event. Each rebuilt user with a known item in its window gets a fresh
+    recommendation (``trigger="model_swap"``)."""
     t0 = time.perf_counter()
     result = BatchResult([], [])
     stale = [r for r in records if r.model_version != serving.version]
     if not stale:
         return result
-    ids = [serving.ids(r.window) for r in stale]
+    ids = [_window_or_empty(serving, r, result) for r in stale]
     h, new_state = _encode_ids(serving, ids)  # (U, R, D)
     t1 = time.perf_counter()
     known = [row for row, x in enumerate(ids) if x]
     top_items = rank_top_k(serving, h[:, -1], known, ids, top_k)
     t2 = time.perf_counter()
     produced_at = time.time() if now is None else now
-    state_bytes = new_state.to("cpu").to_bytes_each()
+    state_bytes = _state_bytes(serving, new_state)
+    vocab_size, v_crc = serving.vocab_tag
     for row, rec in enumerate(stale):
-        result.records.append(replace(rec, state=state_bytes[row], model_version=serving.version))
+        result.records.append(replace(rec, state=state_bytes[row], model_version=serving.version, window=ids[row],
+                                      vocab_size=vocab_size, vocab_crc=v_crc, legacy_window=None))
         if row in top_items:
             # No event triggered it: the source is the last applied event, with no ingest time.
             src = Source(topic, rec.partition, rec.offset, -1)
@@ -203,44 +226,71 @@ def new_events_by_user(
     return per_user
 
 
+def stored_windows(
+    serving: ServingModel, stored: Mapping[str, UserRecord], users: Iterable[str], result: BatchResult
+) -> dict[str, tuple[int, ...]]:
+    """The stored window of each of ``users`` with a record, as ``serving``'s item ids (oldest
+    first); an unreadable one (module docstring) becomes () and is counted in
+    ``result.windows_dropped``."""
+    return {u: _window_or_empty(serving, stored[u], result) for u in users if u in stored}
+
+
 def new_windows(
-    stored: dict[str, UserRecord], per_user: OrderedDict[str, list[Interaction]], window: int
-) -> list[tuple[str, ...]]:
-    """Each user's recent external item ids (oldest first, at most ``window``) after this batch."""
-    out = []
-    for user, evs in per_user.items():
-        old = stored[user].window if user in stored else ()
-        out.append(tuple((*old, *(e.item for e in evs)))[-window:])
-    return out
+    old: Sequence[tuple[int, ...]], new_ids: Sequence[Sequence[int]], window: int
+) -> list[tuple[int, ...]]:
+    """Each user's recent known item ids (oldest first, at most ``window``) after this batch:
+    row r's stored window ``old[r]`` followed by its new known ids ``new_ids[r]``."""
+    return [(*w, *ids)[-window:] if ids else w[-window:] for w, ids in zip(old, new_ids)]
 
 
-def _load_states(serving: ServingModel, users: list[str],
-                 stored: dict[str, UserRecord]) -> tuple[list[str], UserState, int]:
-    """The users' states as one batch on the model's device, and the users in its row order:
-    stored states of this model first (read as one batch), then new users (the empty state),
-    then states another model version built, rebuilt from their windows. Returns (users,
-    state, number rebuilt)."""
+def _window_or_empty(serving: ServingModel, record: UserRecord, result: BatchResult) -> tuple[int, ...]:
+    ids = serving.window_ids(record)
+    if ids is None:
+        result.windows_dropped += 1
+        return ()
+    return ids
+
+
+def _state_bytes(serving: ServingModel, state: UserState) -> list[bytes]:
+    """Each user's state bytes in the serving model's storage dtype: one device-to-host copy
+    and one conversion for the whole batch."""
+    return state.to("cpu").to_bytes_each(serving.state_dtype)
+
+
+def _load_states(serving: ServingModel, users: list[str], stored: dict[str, UserRecord],
+                 windows: Mapping[str, tuple[int, ...]]) -> tuple[list[str], UserState, int]:
+    """The users' states as one batch on the model's device and dtype, and the users in its row
+    order: stored states of this model first (read as one batch per storage dtype), then new
+    users (the empty state), then states another model version built, rebuilt from their
+    ``windows`` (model ids). Returns (users, state, number rebuilt)."""
     model = serving.model
     current = [u for u in users if u in stored and stored[u].model_version == serving.version]
     new = [u for u in users if u not in stored]
     other = [u for u in users if u in stored and stored[u].model_version != serving.version]
     parts: list[UserState] = []
     if current:
+        # One batch per storage dtype: states written before a change of ``state_dtype`` stay
+        # readable (a batch read needs equal headers), each converted to the model's dtype.
+        by_dtype: dict[object, list[str]] = {}
+        for u in current:
+            by_dtype.setdefault(UserState.stored_dtype(stored[u].state), []).append(u)
         try:
-            state = UserState.from_bytes_many([stored[u].state for u in current])
-            state.check_model(model, version=serving.version)
-            parts.append(state.to(model.device, model.dtype))
+            for group in by_dtype.values():
+                state = UserState.from_bytes_many([stored[u].state for u in group])
+                state.check_model(model, version=serving.version)
+                parts.append(state.to(model.device, model.dtype))
+            current = [u for group in by_dtype.values() for u in group]
         except StateMismatchError:  # a record whose tag and state disagree: rebuild those users
-            other, current = current + other, []
+            other, current, parts = current + other, [], []
     if new:
         parts.append(UserState.stack([serving.empty] * len(new)))
     if other:
         # Built by another model version: rebuilt under this one from their windows, all at once.
-        parts.append(_encode_ids(serving, [serving.ids(stored[u].window) for u in other])[1])
+        parts.append(_encode_ids(serving, [windows[u] for u in other])[1])
     return current + new + other, UserState.stack(parts), len(other)
 
 
-def _encode_ids(serving: ServingModel, ids: list[list[int]]) -> tuple[Tensor, UserState]:
+def _encode_ids(serving: ServingModel, ids: Sequence[Sequence[int]]) -> tuple[Tensor, UserState]:
     """Each row's item ids applied from the empty state: hidden states (U, R, D) and the states
     (U users), as if each user's history were just these items."""
     start = UserState.stack([serving.empty] * len(ids))
@@ -248,6 +298,7 @@ def _encode_ids(serving: ServingModel, ids: list[list[int]]) -> tuple[Tensor, Us
 
 
 @torch.inference_mode()
-def rebuild_state(serving: ServingModel, window: tuple[str, ...]) -> UserState:
-    """The state this model reaches from an empty history by applying ``window``'s known items."""
-    return _encode_ids(serving, [serving.ids(window)])[1]
+def rebuild_state(serving: ServingModel, window: Sequence[int]) -> UserState:
+    """The state this model reaches from an empty history by applying ``window`` (model item
+    ids, oldest first, e.g. a record's ``serving.window_ids``)."""
+    return _encode_ids(serving, [window])[1]

@@ -41,6 +41,9 @@ class WorkerMetrics:
                                  buckets=_LATENCY_BUCKETS, registry=r)
         self.lag = Gauge("linrec_consumer_lag", "events not yet consumed", ["partition"], registry=r)
         self.rebuilt = Counter("linrec_states_rebuilt", "states rebuilt under a new model version", registry=r)
+        self.windows_dropped = Counter(
+            "linrec_windows_dropped", "stored windows of a vocabulary the served model cannot read (states "
+            "rebuilt from the empty state)", registry=r)
         self.model_info = Gauge("linrec_model_info", "1 for the model version being served", ["version"], registry=r)
         self.swaps = Counter("linrec_model_swaps", "model versions swapped in without a restart", registry=r)
         self.swap_seconds = Gauge("linrec_model_swap_seconds",
@@ -92,6 +95,7 @@ class WorkerMetrics:
         self.events.labels("unknown_item").inc(result.unknown_items)
         self.recommendations.inc(len(result.recommendations))
         self.rebuilt.inc(result.rebuilt)
+        self.windows_dropped.inc(result.windows_dropped)
         for rej in rejected:
             self.dead_letters.labels(rej.reason).inc()
         self.totals["events"] += result.applied

@@ -10,6 +10,10 @@ window gets a fresh recommendation (``trigger="model_swap"``). A user whose stat
 when their next event arrives is rebuilt then (``apply_batch``), so no state is ever scored by a
 model other than the one that built it. Partitions just assigned are swept too: their stored
 states may predate the model in force.
+
+A swap keeps the served model's storage dtype (``state_dtype``) and, in registry mode, gives the
+new model a way to read window ids of any registered version's vocabulary (``registry_vocabs``):
+after a retraining from scratch the ids are mapped through the old vocabulary, not dropped.
 """
 
 from __future__ import annotations
@@ -22,12 +26,28 @@ from dataclasses import dataclass, field
 from consumers.batch import rebuild_batch
 from consumers.checkpoint import Checkpoint
 from consumers.metrics import WorkerMetrics
-from consumers.serving import ServingModel
+from consumers.serving import ServingModel, VocabLookup
 from consumers.transport import UpdateSource
 from linrec_stream.lifecycle.registry import ModelRegistry
+from linrec_stream.model.run_dir import RunDirError, Vocab
 from state.store import StateStore
 
 log = logging.getLogger("linrec.worker")
+
+
+def registry_vocabs(registry: ModelRegistry) -> VocabLookup:
+    """Version id -> its vocabulary, read from the registry's run directory (None when the
+    version or its vocab.json is missing or unreadable). Each ServingModel keeps what it
+    derives from a vocabulary, so each version is read at most once per served model."""
+
+    def lookup(version: str) -> Vocab | None:
+        try:
+            return Vocab.load(registry.path(version))
+        except (OSError, RunDirError) as exc:
+            log.warning("worker: vocabulary of model %s unavailable (%s): its windows are dropped", version[:12], exc)
+            return None
+
+    return lookup
 
 
 @dataclass
@@ -86,7 +106,8 @@ class ModelSwaps:
         assert self.registry is not None
         t0 = time.monotonic()
         try:
-            new = ServingModel.load(self.registry.path(version), self.device)
+            new = ServingModel.load(self.registry.path(version), self.device, state_dtype=self.serving.state_dtype,
+                                    vocab_of=registry_vocabs(self.registry))
         except (OSError, ValueError) as exc:
             log.error("worker: cannot load announced model %s (%s); still serving %s", version[:12], exc,
                       self.serving.version[:12])
@@ -129,6 +150,9 @@ class ModelSwaps:
             self.checkpoint.commit(assigned, result)
             sw.rebuilt += result.rebuilt
             self.metrics.observe_batch_result(result)
+            if result.windows_dropped:
+                log.warning("worker: %d stored windows index a vocabulary %s cannot read: dropped, their states "
+                            "rebuilt from the empty state", result.windows_dropped, self.serving.version[:12])
         if sw.users or sw.partitions:
             return
         self.sweep = None

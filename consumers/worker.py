@@ -1,10 +1,12 @@
 """The stream worker: interactions in, user states updated, recommendations out.
 
-Built on kafka-python rather than a faust agent, because the exactly-once effect on state needs
-the applied input offsets stored atomically *with* the states (one rocksdict write batch), and
-the worker must seek each partition to the offset its local store says, which faust's tables
-(changelog written per key, offsets committed separately; ``exactly_once`` only with aiokafka
-and with open duplicate reports) do not give. See README "Stream worker".
+Two engines carry the same loop (``Settings.worker_engine``): kafka-python
+(consumers/kafka_transport.py) and a faust-streaming app whose agent takes the interactions in
+micro-batches (consumers/faust_transport.py). Neither uses faust's tables nor its transactions:
+the exactly-once effect on state needs the applied input offsets stored atomically *with* the
+states (one rocksdict write batch) and each partition sought to the offset the local store says,
+which faust's tables (changelog written per key, offsets committed separately; ``exactly_once``
+with open duplicate reports) do not give. See README "Stream worker".
 
 This module is the loop; its parts are each in their own module:
 
@@ -47,7 +49,7 @@ from consumers.batch import apply_batch
 from consumers.checkpoint import Checkpoint, CheckpointPolicy
 from consumers.metrics import WorkerMetrics
 from consumers.serving import ServingModel
-from consumers.swap import ModelSwaps
+from consumers.swap import ModelSwaps, registry_vocabs
 from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource
 from linrec_stream.contracts.events import Interaction, Limits, Rejected, Source, parse_event
 from linrec_stream.lifecycle.registry import ModelRegistry, RegistryError
@@ -100,7 +102,7 @@ class WorkerParts:
 def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
     """The parts of a real worker: kafka-python clients, the rocksdict store, the changelog, the
     model (``options.model_dir``, or the registry's version in force, followed for swaps)."""
-    from consumers.kafka_transport import KafkaGroupConsumer, UpdateFollower, kafka_producer
+    from consumers.kafka_transport import UpdateFollower
 
     if options.device == "cpu":
         # Micro-batch tensors are small: one thread avoids OpenMP hand-offs that cost more
@@ -119,17 +121,33 @@ def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
                 raise RegistryError(f"no model version is in force in {registry.root}: train one, then "
                                     "`linrec-stream models add RUN_DIR --promote`")
             model_dir = registry.path(version)
-        serving = ServingModel.load(model_dir, options.device)
+        serving = ServingModel.load(model_dir, options.device, state_dtype=settings.state_dtype,
+                                    vocab_of=registry_vocabs(registry) if registry is not None else None)
         store = StateStore(options.state_dir)
         built.callback(store.close)
         changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
         built.callback(changelog.close)
         changelog.ensure_topic(settings.interactions_partitions)
-        producer = kafka_producer(settings)
-        built.callback(producer.close)
-        consumer = KafkaGroupConsumer(settings, options.batch_size)
+        consumer, producer = _transport(settings, options)
         built.pop_all()
     return WorkerParts(consumer, producer, store, changelog, serving, follower=follower, registry=registry)
+
+
+def _transport(settings: Settings, options: WorkerOptions) -> tuple[GroupConsumer, Producer]:
+    """The group consumer and the producer of ``settings.worker_engine`` (the last parts built)."""
+    if settings.worker_engine == "faust":
+        from consumers.faust_transport import FaustEngine
+
+        engine = FaustEngine(settings, options.batch_size)
+        return engine, engine  # one faust app consumes and produces
+    from consumers.kafka_transport import KafkaGroupConsumer, kafka_producer
+
+    producer = kafka_producer(settings)
+    try:
+        return KafkaGroupConsumer(settings, options.batch_size), producer
+    except BaseException:
+        producer.close()
+        raise
 
 
 class StreamWorker:
@@ -192,9 +210,9 @@ class StreamWorker:
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
         stop = stop or threading.Event()
         m = self.serving.model
-        log.info("worker: model %s (%s, %d items) on %s; state in %s; group %s; batches of up to %d events / %d ms",
-                 self.serving.version, m.config.attention, m.config.num_items, m.device, self.options.state_dir,
-                 self.settings.worker_group, self.options.batch_size, self.options.batch_ms)
+        log.info("worker: model %s (%s, %d items) on %s; state in %s; engine %s, group %s; batches of up to %d "
+                 "events / %d ms", self.serving.version, m.config.attention, m.config.num_items, m.device,
+                 self.options.state_dir, self.settings.worker_engine, self.settings.worker_group, self.options.batch_size, self.options.batch_ms)
         self.metrics.serve(self.settings.metrics_port)
         idle_since = time.monotonic()
         try:

@@ -60,6 +60,23 @@ def _check_device(value: str) -> None:
         raise ValueError(f"one of auto, cpu, cuda, cuda:N, got {value!r}")
 
 
+#: The dtypes a user state may be stored in (``state_dtype``); names as torch spells them.
+STATE_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_state_dtype(value: str) -> None:
+    if value not in STATE_DTYPES:
+        raise ValueError(f"one of {', '.join(STATE_DTYPES)}, got {value!r}")
+
+
+WORKER_ENGINES = ("kafka-python", "faust")
+
+
+def _check_engine(value: str) -> None:
+    if value not in WORKER_ENGINES:
+        raise ValueError(f"one of {', '.join(WORKER_ENGINES)}, got {value!r}")
+
+
 def _setting(default: Any, doc: str, check: Callable[[Any], None] | None = None) -> Any:
     return field(default=default, metadata={"doc": doc, "check": check})
 
@@ -107,6 +124,12 @@ class Settings:
     recent_window: int = _setting(200, "recent item ids kept per user (excluded from recommendations)", _check_positive)
     max_event_bytes: int = _setting(4096, "larger interaction messages go to the dead-letter topic", _check_positive)
     max_id_chars: int = _setting(256, "longest user or item id accepted", _check_positive)
+    state_dtype: str = _setting(
+        "float32", "worker: dtype user states are stored in (float32, float16, bfloat16; float16/bfloat16 halve the "
+        "state bytes at a small loss; the model computes in its own dtype)", _check_state_dtype)
+    worker_engine: str = _setting(
+        "kafka-python", "worker: Kafka client engine, kafka-python or faust (faust-streaming's app on aiokafka); "
+        "README \"Stream worker\" compares them", _check_engine)
     worker_threads: int = _setting(1, "worker: torch CPU threads (small micro-batch tensors favour 1)", _check_positive)
     session_timeout_ms: int = _setting(
         10_000, "worker: consumer group session timeout; a crashed worker's partitions move after this", _check_positive

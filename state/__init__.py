@@ -1,7 +1,8 @@
 """Durable per-user state of the stream worker, with an exactly-once effect on state.
 
-- ``record.UserRecord``: one user's model state bytes, recent item window and the Kafka
-  position of the last event applied (the idempotence key), in a versioned binary format.
+- ``record.UserRecord``: one user's model state bytes, recent window (model ids of known items,
+  tagged with their vocabulary) and the Kafka position of the last event applied (the
+  idempotence key), in a versioned binary format.
 - ``store.StateStore``: rocksdict on local disk; records and per-partition next offsets are
   committed together in one fsynced WriteBatch.
 - ``changelog.Changelog``: a compacted Kafka topic mirroring the records, so another machine

@@ -1,30 +1,47 @@
 """One user's durable record: the model state plus the input position that produced it.
 
-Byte format (version 1, all integers little-endian), stored in rocksdict and as the value of
+Byte format (version 2, all integers little-endian), stored in rocksdict and as the value of
 the changelog topic::
 
-    fixed header, 38 bytes
+    fixed header, 46 bytes
         magic         4s   b"LRUR"
-        version       u8   1
+        version       u8   2
         flags         u8   bit 0: event_id present (other bits must be 0)
         partition     u32  interactions partition of the last applied event
         offset        i64  its Kafka offset (>= 0)
         events        i64  valid events applied to this user so far (>= 0)
         last_ts       f64  event time of the last applied event, epoch seconds
-        n_window      u16  items in the window
+        n_window      u16  item ids in the window
         reserved      u16  0
+        vocab_size    u32  the vocabulary tag (below): entries of the vocabulary the ids index
+        vocab_crc     u32  CRC-32C of its first vocab_size external ids joined with "\n"
     variable part (each string: u16 length in bytes, then UTF-8)
         user, model_version, [event_id]
-        window        n_window u16 lengths, then the n_window UTF-8 items back to back
+        window        n_window u32 model item ids, each in 1 .. vocab_size - 1, oldest first
         state         u32 length, then the bytes of UserState.to_bytes()
     crc32c            u32  CRC-32C (Castagnoli) of everything before it
 
-The window's lengths come first so that encoding and decoding are one struct call and one
-join/slice pass, not one per item (50 items per user were most of the encoding time). CRC-32C
-(the ``crc32c`` package, a dependency of the project already) runs at ~15 GB/s against zlib's
-~2.6 GB/s: 1 us instead of 6.5 us for a 17 KB state. The crc catches a torn or corrupted changelog value or disk block that would otherwise decode
-into a plausible but wrong offset or window (the state bytes carry their own crc too).
-Overhead over the state bytes: 46 bytes + the strings.
+The window holds the model ids of the user's recent *known* items (items the serving model's
+vocabulary has): a micro-batch masks them and rebuilds states from them without mapping ~200
+strings per user. Items unknown to the model are still valid events (they count in
+``events``) but never enter the window: the retraining that learns them reads the archived
+interactions topic, not the window.
+
+Ids mean nothing without their vocabulary, hence the tag ``(vocab_size, vocab_crc)`` (see
+``vocab_crc``). Warm-started versions only append to the vocabulary, so ids stay valid under
+any vocabulary whose first vocab_size ids have that crc; a retraining from scratch (items
+reordered) does not match, and the reader maps the ids through the old vocabulary or drops
+the window (consumers/serving.py).
+
+Version 1 (read, never written) had a 38-byte header without the tag and the window as
+external ids (n_window u16 lengths, then the UTF-8 items back to back); such a record reads
+back with ``legacy_window`` holding those strings and an empty ``window``.
+
+CRC-32C (the ``crc32c`` package, a dependency of the project already) runs at ~15 GB/s against
+zlib's ~2.6 GB/s: 1 us instead of 6.5 us for a 17 KB state. The crc catches a torn or corrupted
+changelog value or disk block that would otherwise decode into a plausible but wrong offset or
+window (the state bytes carry their own crc too). Overhead over the state bytes: 54 bytes + the
+strings + 4 bytes per window item.
 """
 
 from __future__ import annotations
@@ -32,12 +49,14 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Sequence
 
 from crc32c import crc32c
 
 MAGIC = b"LRUR"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sBBIqqdHH")
+FORMAT_VERSION = 2
+_HEADER = struct.Struct("<4sBBIqqdHHII")
+_HEADER_V1 = struct.Struct("<4sBBIqqdHH")  # format 1: no vocabulary tag
 _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _FLAG_EVENT_ID = 0x01
@@ -45,6 +64,13 @@ MAX_STRING_BYTES = 0xFFFF  # u16 length prefix
 MAX_WINDOW = 0xFFFF
 MAX_PARTITION = 0xFFFFFFFF
 MAX_INT64 = 2**63 - 1
+MAX_U32 = 0xFFFFFFFF
+
+
+def vocab_crc(items: Sequence[str]) -> int:
+    """The ``vocab_crc`` of a record's tag: CRC-32C of ``items`` (the external ids of item ids
+    0, 1, ..., padding included) joined with "\\n", in UTF-8."""
+    return crc32c("\n".join(items).encode("utf-8", "surrogatepass"))
 
 
 class RecordError(ValueError):
@@ -56,27 +82,38 @@ class UserRecord:
     """One user's state and the position of the last interaction applied to it.
 
     state: one user's ``UserState.to_bytes()`` (opaque here; the model version is inside too).
-    window: the user's most recent external item ids, oldest first (bounded by the worker).
+    window: model item ids of the user's most recent known items, oldest first (bounded by the
+        worker; unknown items never enter it). Each in 1 .. vocab_size - 1, checked when read.
     events: valid events applied so far (known and unknown items).
     partition, offset: Kafka position of the last applied event; the idempotence key.
     last_ts: event time of that event, epoch seconds.
+    vocab_size, vocab_crc: the tag of the vocabulary the window's ids index (module docstring).
+    legacy_window: a format-1 record's window (external ids; ``window`` is then empty), for the
+        reader to map through its vocabulary; None for any record this code writes.
     """
 
     user: str
     state: bytes
     model_version: str
-    window: tuple[str, ...]
+    window: tuple[int, ...]
     events: int
     partition: int
     offset: int
     event_id: str | None
     last_ts: float
+    vocab_size: int = 0
+    vocab_crc: int = 0
+    legacy_window: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         # Accept any sequence for the window / bytes-like for the state, store immutable ones:
         # the record is a value object shared between the store, the changelog and the worker.
+        # (A numpy array becomes a tuple of Python ints: equal, hashable, and struct packs it.)
         if not isinstance(self.window, tuple):
-            object.__setattr__(self, "window", tuple(self.window))
+            w = self.window
+            object.__setattr__(self, "window", tuple(w.tolist() if hasattr(w, "tolist") else w))
+        if self.legacy_window is not None and not isinstance(self.legacy_window, tuple):
+            object.__setattr__(self, "legacy_window", tuple(self.legacy_window))
         if not isinstance(self.state, bytes):
             object.__setattr__(self, "state", bytes(self.state))
         if not isinstance(self.user, str) or not self.user:
@@ -89,6 +126,12 @@ class UserRecord:
             raise RecordError(f"events out of range: {self.events}")
         if len(self.window) > MAX_WINDOW:
             raise RecordError(f"window of {len(self.window)} items exceeds {MAX_WINDOW}")
+        if not (0 <= self.vocab_size <= MAX_U32 and 0 <= self.vocab_crc <= MAX_U32):
+            raise RecordError(f"vocabulary tag out of range: size {self.vocab_size}, crc {self.vocab_crc}")
+        if self.legacy_window is not None and (self.window or len(self.legacy_window) > MAX_WINDOW):
+            raise RecordError(f"a format-1 window comes alone (no ids) and holds at most {MAX_WINDOW} items")
+        # The ids are not range-checked here (512 records a batch, 200 ids each: the batch
+        # functions write ids of their own vocabulary); the decoder checks every id it reads.
         if not isinstance(self.last_ts, (int, float)) or not math.isfinite(self.last_ts):
             raise RecordError(f"last_ts must be a finite number, got {self.last_ts!r}")
 
@@ -114,17 +157,23 @@ class UserRecord:
         return cached
 
     def _encode(self) -> bytes:
+        if self.legacy_window is not None:
+            raise RecordError("a format-1 window of external ids is not written: map it to model ids first")
         parts = [
             _HEADER.pack(
                 MAGIC, FORMAT_VERSION, _FLAG_EVENT_ID if self.event_id is not None else 0,
                 self.partition, self.offset, self.events, float(self.last_ts), len(self.window), 0,
+                self.vocab_size, self.vocab_crc,
             ),
             _string(self.user, "user"),
             _string(self.model_version, "model_version"),
         ]
         if self.event_id is not None:
             parts.append(_string(self.event_id, "event_id"))
-        parts.extend(_pack_strings(self.window, "window item"))
+        try:
+            parts.append(struct.pack(f"<{len(self.window)}I", *self.window))
+        except struct.error as e:  # a negative, too large or non-integer id
+            raise RecordError(f"window ids must be u32 integers: {e}") from None
         if len(self.state) > 0xFFFFFFFF:
             raise RecordError(f"state of {len(self.state)} bytes is too large")
         parts.append(_U32.pack(len(self.state)))
@@ -140,19 +189,27 @@ class UserRecord:
             raise RecordError(f"not a user record (bad magic bytes {blob[:4]!r}, expected {MAGIC!r})")
         if len(blob) < 5:
             raise RecordError("truncated user record: no format version")
-        if blob[4] != FORMAT_VERSION:
-            raise RecordError(f"unknown user-record format version {blob[4]} (this code reads {FORMAT_VERSION})")
-        if len(blob) < _HEADER.size + 4:
-            raise RecordError(f"truncated user record: {len(blob)} bytes, the header alone has {_HEADER.size}")
+        fmt = blob[4]
+        if fmt not in (1, FORMAT_VERSION):
+            raise RecordError(f"unknown user-record format version {fmt} (this code reads 1 and {FORMAT_VERSION})")
+        header = _HEADER if fmt == FORMAT_VERSION else _HEADER_V1
+        if len(blob) < header.size + 4:
+            raise RecordError(f"truncated user record: {len(blob)} bytes, the header alone has {header.size}")
         body, (crc,) = blob[:-4], _U32.unpack_from(blob, len(blob) - 4)
         # Before the crc, check the lengths make sense, so a truncation is reported as one.
-        _, _, flags, partition, offset, events, last_ts, n_window, reserved = _HEADER.unpack_from(body)
-        reader = _Reader(body, _HEADER.size)
+        _, _, flags, partition, offset, events, last_ts, n_window, reserved, *tag = header.unpack_from(body)
+        vocab_size, v_crc = tag if tag else (0, 0)
+        reader = _Reader(body, header.size)
+        window: tuple[int, ...] = ()
+        legacy: tuple[str, ...] | None = None
         try:
             user = reader.string("user")
             model_version = reader.string("model_version")
             event_id = reader.string("event_id") if flags & _FLAG_EVENT_ID else None
-            window = reader.strings(n_window, "window item")
+            if fmt == FORMAT_VERSION:
+                window = struct.unpack(f"<{n_window}I", reader.chunk(4 * n_window, "window ids"))
+            else:
+                legacy = reader.strings(n_window, "window item")
             state = reader.chunk(reader.u32("state length"), "state")
         except _Truncated as e:
             raise RecordError(f"truncated user record ({len(blob)} bytes): {e}") from None
@@ -162,12 +219,16 @@ class UserRecord:
             raise RecordError("user record checksum mismatch (corrupted bytes)")
         if flags & ~_FLAG_EVENT_ID or reserved:
             raise RecordError(f"unknown flags {flags:#x} / reserved field {reserved} in user record")
+        if window and (min(window) < 1 or max(window) >= vocab_size):
+            raise RecordError(f"window ids out of range 1 .. {vocab_size - 1} of the record's vocabulary")
         try:
-            rec = cls(user, state, model_version, window, events, partition, offset, event_id, last_ts)
+            rec = cls(user, state, model_version, window, events, partition, offset, event_id, last_ts,
+                      vocab_size, v_crc, legacy)
         except RecordError as e:
             raise RecordError(f"invalid user record: {e}") from None
         # The encoding is a function of the fields, so the checked bytes are its to_bytes(): a
-        # record read back and published to the changelog is not encoded again.
+        # record read back and published to the changelog is not encoded again (a format-1
+        # record goes on as the format-1 bytes it was read from, until a batch rewrites it).
         rec.__dict__["_encoded"] = blob
         return rec
 
@@ -180,23 +241,6 @@ def _utf8(s: str, what: str) -> bytes:
     if len(raw) > MAX_STRING_BYTES:
         raise RecordError(f"{what} of {len(raw)} bytes exceeds {MAX_STRING_BYTES}")
     return raw
-
-
-def _pack_strings(items: tuple[str, ...], what: str) -> tuple[bytes, bytes]:
-    """(u16 lengths, concatenated UTF-8) of ``items``; one encode call for ASCII ids (the usual case)."""
-    try:
-        joined = "".join(items)
-    except TypeError:
-        joined = None  # a non-str item: _utf8 below names it
-    if joined is not None and joined.isascii():
-        lengths = list(map(len, items))
-        if lengths and max(lengths) > MAX_STRING_BYTES:
-            raise RecordError(f"{what} of {max(lengths)} bytes exceeds {MAX_STRING_BYTES}")
-        data = joined.encode("ascii")
-    else:
-        raws = [_utf8(x, what) for x in items]
-        lengths, data = list(map(len, raws)), b"".join(raws)
-    return struct.pack(f"<{len(lengths)}H", *lengths), data
 
 
 def _string(s: str, what: str) -> bytes:

@@ -37,7 +37,7 @@ class Clock:
 
 
 def record(user: str, offset: int, partition: int = 0) -> UserRecord:
-    return UserRecord(user, b"state-%d" % offset, "v1", ("i1",), offset + 1, partition, offset, f"e{offset}", 1e9)
+    return UserRecord(user, b"state-%d" % offset, "v1", (1,), offset + 1, partition, offset, f"e{offset}", 1e9, 2, 0)
 
 
 def batch(users_offsets=(("a", 3), ("b", 4))) -> tuple[BatchResult, list[Rejected]]:

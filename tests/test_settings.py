@@ -41,6 +41,7 @@ def test_types_are_parsed():
         ({"LINREC_TOPIC_INTERACTIONS": "no spaces"}, "LINREC_TOPIC_INTERACTIONS: a Kafka topic name"),
         ({"LINREC_KAFKA_HEAP": "lots"}, "LINREC_KAFKA_HEAP: a JVM heap size"),
         ({"LINREC_DEVICE": "tpu"}, "LINREC_DEVICE: one of auto, cpu, cuda"),
+        ({"LINREC_STATE_DTYPE": "float8"}, "LINREC_STATE_DTYPE: one of float32, float16, bfloat16, got 'float8'"),
         ({"LINREC_NO_SUCH_THING": "1"}, "LINREC_NO_SUCH_THING: unknown setting"),
     ],
 )
@@ -49,6 +50,12 @@ def test_a_wrong_value_names_the_setting(env, message):
         Settings.load(env=env)
     assert str(err.value).startswith(message)
     assert "\n" not in str(err.value)
+
+
+def test_state_dtype_defaults_to_float32_and_takes_the_half_precision_dtypes():
+    assert Settings.load(env={}).state_dtype == "float32"
+    for name in ("float16", "bfloat16"):
+        assert Settings.load(env={"LINREC_STATE_DTYPE": name}).state_dtype == name
 
 
 def test_file_errors(tmp_path: Path):

@@ -3,10 +3,12 @@ SIGKILLed child processes) and the Kafka changelog (against the real local broke
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
 import signal
+import struct
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 from crc32c import crc32c
 import torch
@@ -21,33 +24,67 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from linrec_stream.settings import Settings
 from state import Changelog, ChangelogError, RecordError, StateStore, StateStoreError, UserRecord
-from state.record import FORMAT_VERSION, MAGIC
+from state.record import FORMAT_VERSION, MAGIC, vocab_crc
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def rec(user: str = "u1", offset: int = 10, partition: int = 0, state: bytes = b"S" * 32, **kw) -> UserRecord:
-    fields = dict(model_version="ab" * 8, window=("i1", "i2"), events=offset + 1, event_id=None, last_ts=1.7e9)
+    fields = dict(model_version="ab" * 8, window=(1, 2), events=offset + 1, event_id=None, last_ts=1.7e9, vocab_size=3,
+                  vocab_crc=0x1234)
     fields.update(kw)
     return UserRecord(user=user, state=state, partition=partition, offset=offset, **fields)
 
 
 # --- UserRecord --------------------------------------------------------------------------------
 
+@st.composite
+def tagged_windows(draw) -> tuple[int, int, tuple[int, ...]]:
+    """(vocab_size, vocab_crc, window): ids of a vocabulary of vocab_size entries (0 is padding)."""
+    size = draw(st.integers(2, 2**32 - 1) | st.integers(2, 300))
+    window = draw(st.lists(st.integers(1, size - 1), max_size=60).map(tuple))
+    return size, draw(st.integers(0, 2**32 - 1)), window
+
+
+def _record(user, state, model_version, tagged, events, partition, offset, event_id, last_ts) -> UserRecord:
+    size, crc, window = tagged
+    return UserRecord(user, state, model_version, window, events, partition, offset, event_id, last_ts, size, crc)
+
+
 records = st.builds(
-    UserRecord,
+    _record,
     user=st.text(min_size=1, max_size=40),
     state=st.binary(max_size=3000),
     model_version=st.text(max_size=40),
-    # ASCII ids take a fast path in the encoder; any UTF-8 the general one
-    window=st.lists(st.text(max_size=30), max_size=30).map(tuple)
-    | st.lists(st.text("abc019-_:", max_size=12), max_size=60).map(tuple),
+    tagged=tagged_windows() | st.just((0, 0, ())),
     events=st.integers(0, 2**63 - 1),
     partition=st.integers(0, 2**32 - 1),
     offset=st.integers(0, 2**63 - 1),
     event_id=st.none() | st.text(max_size=60),
     last_ts=st.floats(allow_nan=False, allow_infinity=False),
 )
+
+
+def v1_bytes(r: UserRecord, window: tuple[str, ...]) -> bytes:
+    """``r`` in format 1 (38-byte header, no vocabulary tag, the window as UTF-8 external ids),
+    as the code before format 2 wrote it; the decoder must still read such records."""
+    def string(x: str) -> bytes:
+        raw = x.encode("utf-8")
+        return struct.pack("<H", len(raw)) + raw
+
+    raws = [x.encode("utf-8") for x in window]
+    body = b"".join([
+        struct.pack("<4sBBIqqdHH", MAGIC, 1, 1 if r.event_id is not None else 0, r.partition, r.offset, r.events,
+                    float(r.last_ts), len(window), 0),
+        string(r.user), string(r.model_version), string(r.event_id) if r.event_id is not None else b"",
+        struct.pack(f"<{len(raws)}H", *map(len, raws)), b"".join(raws),
+        struct.pack("<I", len(r.state)), r.state,
+    ])
+    return body + struct.pack("<I", crc32c(body))
+
+
+v1_records = st.tuples(records, st.lists(st.text(max_size=30), max_size=30).map(tuple)
+                       | st.lists(st.text("abc019-_:", max_size=12), max_size=60).map(tuple))
 
 
 @given(records)
@@ -61,8 +98,11 @@ def test_record_round_trip(r: UserRecord):
 
 
 def test_record_is_compact_and_normalises_its_fields():
-    r = UserRecord("u", bytearray(b"x" * 17_000), "ab" * 8, ["a", "b"], 2, 1, 5, "e-1", 1.0)
+    r = UserRecord("u", bytearray(b"x" * 17_000), "ab" * 8, [1, 2], 2, 1, 5, "e-1", 1.0, 3, 9)
     assert isinstance(r.window, tuple) and isinstance(r.state, bytes)
+    # A numpy window becomes a tuple of Python ints (hashable, equal to the decoded one).
+    a = UserRecord("u", b"x", "v", np.array([4, 2], dtype=np.int64), 2, 1, 5, None, 1.0, 5, 0)
+    assert a.window == (4, 2) and type(a.window[0]) is int and UserRecord.from_bytes(a.to_bytes()) == a
     # fixed overhead is small next to a 17 KB state
     assert len(r.to_bytes()) - 17_000 < 100
 
@@ -81,11 +121,51 @@ def test_record_every_truncation_and_any_flipped_byte_is_a_record_error(r: UserR
         UserRecord.from_bytes(bytes(flipped))
 
 
-@given(st.binary(max_size=200))
+@given(st.binary(max_size=200), st.sampled_from([1, FORMAT_VERSION]))
 @hsettings(max_examples=300, deadline=None)
-def test_record_garbage_raises_only_record_error(blob: bytes):
+def test_record_garbage_raises_only_record_error(blob: bytes, version: int):
     with pytest.raises(RecordError):
-        UserRecord.from_bytes(MAGIC + bytes([FORMAT_VERSION]) + blob)
+        UserRecord.from_bytes(MAGIC + bytes([version]) + blob)
+
+
+@given(v1_records, st.data())
+@hsettings(max_examples=150, deadline=None)
+def test_a_format_1_record_reads_back_with_its_window_of_external_ids(rw, data):
+    r, window = rw
+    blob = v1_bytes(r, window)
+    back = UserRecord.from_bytes(blob)
+    assert back.legacy_window == window and back.window == () and (back.vocab_size, back.vocab_crc) == (0, 0)
+    assert (back.user, back.state, back.offset, back.events, back.event_id) == (r.user, r.state, r.offset, r.events,
+                                                                                r.event_id)
+    assert back.to_bytes() == blob  # passed on as read; a batch rewrites it in format 2
+    with pytest.raises(RecordError, match="format-1 window"):
+        dataclasses.replace(back)._encode()
+    # Malformed format-1 bytes are record errors too.
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(RecordError):
+        UserRecord.from_bytes(blob[:cut])
+    flipped = bytearray(blob)
+    flipped[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(RecordError):
+        UserRecord.from_bytes(bytes(flipped))
+
+
+def test_window_ids_outside_the_records_vocabulary_are_record_errors():
+    for window, size in (((0,), 5), ((5,), 5), ((1, 2**31), 100)):
+        body = bytearray(rec(window=window, vocab_size=size).to_bytes()[:-4])  # valid crc over bad ids
+        blob = bytes(body) + struct.pack("<I", crc32c(bytes(body)))
+        with pytest.raises(RecordError, match="out of range"):
+            UserRecord.from_bytes(blob)
+    with pytest.raises(RecordError, match="u32"):
+        rec(window=(-1,)).to_bytes()
+    with pytest.raises(RecordError, match="tag out of range"):
+        rec(vocab_size=2**32)
+
+
+def test_the_vocabulary_tag_is_the_crc_of_the_joined_external_ids():
+    items = ["<pad>", "i1", "é2"]
+    assert vocab_crc(items) == crc32c("<pad>\ni1\né2".encode()) and vocab_crc(items[:2]) != vocab_crc(items)
+    assert vocab_crc([]) == 0
 
 
 def test_record_error_messages():
@@ -189,7 +269,7 @@ def test_commit_survives_sigkill_right_after_it_returns(tmp_path: Path):
         from pathlib import Path
         from state import StateStore, UserRecord
         s = StateStore(Path(sys.argv[1]))
-        recs = [UserRecord(f"u{i}", bytes([i % 256]) * 4096, "v", (str(i),), i, i % 3, 1000 + i, None, 1.0)
+        recs = [UserRecord(f"u{i}", bytes([i % 256]) * 4096, "v", (i + 1,), i, i % 3, 1000 + i, None, 1.0, 301, 7)
                 for i in range(300)]
         s.commit(recs, {0: 1298, 1: 1299, 2: 1300})
         print("committed", flush=True)
@@ -202,7 +282,7 @@ def test_commit_survives_sigkill_right_after_it_returns(tmp_path: Path):
         got = s.get_many(f"u{i}" for i in range(300))
         for i in range(300):
             r = got[f"u{i}"]
-            assert (r.offset, r.partition, r.state, r.window) == (1000 + i, i % 3, bytes([i % 256]) * 4096, (str(i),))
+            assert (r.offset, r.partition, r.state, r.window) == (1000 + i, i % 3, bytes([i % 256]) * 4096, (i + 1,))
 
 
 LOOP_CHILD = """
@@ -214,7 +294,8 @@ LOOP_CHILD = """
     i = max(s.partitions().values(), default=0)  # resume after the last stored batch, as a worker does
     while True:
         p = i % 3  # batch i rewrites every user of partition p with offset i
-        recs = [UserRecord(f"p{p}-u{u}", (f"{u}:{i}:".encode() * 600)[:4096], "v", (str(i),), i // 3 + 1, p, i, None, float(i))
+        recs = [UserRecord(f"p{p}-u{u}", (f"{u}:{i}:".encode() * 600)[:4096], "v", (i % 1000 + 1,), i // 3 + 1, p, i, None, float(i),
+                          1001, 7)
                 for u in range(USERS)]
         s.commit(recs, {p: i + 1})
         print(i, flush=True)
@@ -252,7 +333,7 @@ def test_sigkill_in_a_loop_of_commits_leaves_whole_batches(tmp_path: Path):
                 i = nxt - 1
                 for u, r in users.items():
                     assert r.state == (f"{u.split('-u')[1]}:{i}:".encode() * 600)[:4096]
-                    assert (r.events, r.window, r.last_ts) == (i // 3 + 1, (str(i),), float(i))
+                    assert (r.events, r.window, r.last_ts) == (i // 3 + 1, (i % 1000 + 1,), float(i))
             assert len(s) == 3 * 64 and set(parts) == {0, 1, 2}
 
 
@@ -378,7 +459,7 @@ def test_restored_model_state_continues_exactly_like_the_original(changelog: Cha
             _, st = model.step(st, torch.tensor([it]))
         states[user] = st
     recs = [rec(u, 10 + j, j, state=states[u].to_bytes(), model_version=states[u].model_version,
-                window=tuple(map(str, items)), events=len(items))
+                window=tuple(items), vocab_size=51, events=len(items))
             for j, (u, items) in enumerate((("alice", seq), ("bob", seq[::-1])))]
     with StateStore(tmp_path / "local") as s:
         s.commit(recs, {0: 11, 1: 12})
@@ -402,7 +483,7 @@ def test_restored_model_state_continues_exactly_like_the_original(changelog: Cha
 
 
 def test_dirty_marks_are_written_with_the_records_and_cleared_on_request(tmp_path: Path):
-    rec = UserRecord("ü", b"s", "v", ("i",), 1, 0, 5, None, 1e9)
+    rec = UserRecord("ü", b"s", "v", (1,), 1, 0, 5, None, 1e9, 2, 0)
     with StateStore(tmp_path / "s") as store:
         store.commit([rec], {0: 6})
         assert store.dirty_users() == []  # not asked for: a restore writes no marks
@@ -415,6 +496,6 @@ def test_dirty_marks_are_written_with_the_records_and_cleared_on_request(tmp_pat
 
 
 def test_a_record_read_back_gives_the_same_bytes_as_encoding_it_again():
-    rec = UserRecord("ü-user", b"\x00state", "v1", ("i1", "é2", "i3"), 3, 2, 41, "evt", 1e9)
+    rec = UserRecord("ü-user", b"\x00state", "v1", (1, 2, 3), 3, 2, 41, "evt", 1e9, 4, 0xDEADBEEF)
     back = UserRecord.from_bytes(rec.to_bytes())
     assert back.to_bytes() == rec.to_bytes() == back._encode()

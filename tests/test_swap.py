@@ -22,7 +22,7 @@ from linrec_stream.broker.topics import create_topics, private_env
 from linrec_stream.contracts.events import Recommendation, encode_event
 from linrec_stream.lifecycle.registry import ModelRegistry
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.settings import Settings
+from linrec_stream.settings import WORKER_ENGINES, Settings
 from state.record import UserRecord
 from tests.conftest import REPO, run_cli
 from tests.helpers import read_topic, start_worker_args, stored_records, wait, write_run
@@ -46,15 +46,16 @@ def test_rebuild_batch_rebuilds_only_stale_records_from_their_window(tmp_path: P
     old = ServingModel.of(make_run(tmp_path / "a", 0), VOCAB)
     new = ServingModel.of(make_run(tmp_path / "b", 1), VOCAB)
 
-    def record(user: str, window: tuple[str, ...], version: str) -> UserRecord:
-        return UserRecord(user, b"opaque", version, window, events=len(window) + 5, partition=2, offset=40,
-                          event_id="e", last_ts=1e9)
+    def record(user: str, items: list[str], version: str) -> UserRecord:
+        # The window as the worker writes it: the known items' ids, tagged with their vocabulary.
+        return UserRecord(user, b"opaque", version, tuple(old.ids(items)), events=len(items) + 5, partition=2,
+                          offset=40, event_id="e", last_ts=1e9, vocab_size=old.vocab_tag[0], vocab_crc=old.vocab_tag[1])
 
-    stale = record("u1", ("item-3", "item-9", "unknown-item", "item-4"), old.version)
-    only_unknown = record("u2", ("brand-new",), old.version)
-    current = record("u3", ("item-1",), new.version)
+    stale = record("u1", ["item-3", "item-9", "item-4"], old.version)
+    only_unknown = record("u2", [], old.version)  # its one event was an unknown item
+    current = record("u3", ["item-1"], new.version)
     res = rebuild_batch(new, [stale, only_unknown, current], top_k=5, topic="in")
-    assert res.rebuilt == 2 and [r.user for r in res.records] == ["u1", "u2"]
+    assert res.rebuilt == 2 and [r.user for r in res.records] == ["u1", "u2"] and res.windows_dropped == 0
     got = {r.user: r for r in res.records}
     for user, src in (("u1", stale), ("u2", only_unknown)):
         r = got[user]
@@ -83,10 +84,10 @@ class Live:
 
 
 @pytest.fixture
-def live(broker: Settings, tmp_path: Path) -> Live:
+def live(broker: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Live:
     tag = uuid.uuid4().hex[:8]
     env = {
-        **private_env("s", tag),
+        **private_env("s", tag), "LINREC_WORKER_ENGINE": getattr(request, "param", "kafka-python"),
         "LINREC_INTERACTIONS_PARTITIONS": "4", "LINREC_METRICS_PORT": "0", "LINREC_SUMMARY_EVERY_S": "1",
         "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers, "LINREC_REGISTRY_DIR": str(tmp_path / "models"),
     }
@@ -176,7 +177,7 @@ def check_swapped(live: Live, state: Path, log: Path, new: LinRecModel, old: Lin
         # Every valid event applied exactly once, the position is the user's last event...
         assert rec.events == len(seq), f"{user}: {rec.events} events applied, {len(seq)} sent"
         assert (rec.partition, rec.offset) == live.last_offset[user]
-        assert list(rec.window) == seq  # (fewer events per user than the window holds)
+        assert list(rec.window) == serving.ids(seq)  # (fewer events per user than the window holds)
         # ...and the state is the new model's encoding of the window it keeps.
         assert rec.model_version == new.version, f"{user}: state still built by {rec.model_version[:12]}"
         expected = rebuild_state(serving, rec.window)
@@ -203,6 +204,7 @@ def version_runs(live: Live) -> dict[str, list[str]]:
 
 
 @pytest.mark.kafka
+@pytest.mark.parametrize("live", WORKER_ENGINES, indirect=True)  # the hot swap on both engines
 def test_promote_then_rollback_mid_stream(live: Live, tmp_path: Path):
     a, b = live.models["a"], live.models["b"]
     state = tmp_path / "state"

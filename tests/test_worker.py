@@ -21,7 +21,7 @@ import torch
 from linrec_stream.broker.topics import create_topics, private_env
 from linrec_stream.contracts.events import Recommendation, Rejected, encode_event
 from linrec_stream.model import LinRecModel, ModelConfig
-from linrec_stream.settings import Settings
+from linrec_stream.settings import WORKER_ENGINES, Settings
 from state.changelog import Changelog
 from state.store import StateStore
 from tests.conftest import REPO
@@ -46,11 +46,15 @@ class Stream:
     malformed: dict[tuple[int, int], str]  # (partition, offset) -> expected reason
 
 
+# The crash tests run on both worker engines: ``@BOTH_ENGINES`` (the fixture's param).
+BOTH_ENGINES = pytest.mark.parametrize("stream", WORKER_ENGINES, indirect=True)
+
+
 @pytest.fixture
-def stream(broker: Settings, tmp_path: Path) -> Stream:
+def stream(broker: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Stream:
     tag = uuid.uuid4().hex[:8]
     env = {
-        **private_env("w", tag),
+        **private_env("w", tag), "LINREC_WORKER_ENGINE": getattr(request, "param", "kafka-python"),
         "LINREC_INTERACTIONS_PARTITIONS": str(PARTITIONS), "LINREC_METRICS_PORT": "0",
         "LINREC_SUMMARY_EVERY_S": "1", "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
     }
@@ -158,6 +162,7 @@ def check_outcome(stream: Stream, records: dict) -> None:
     assert got == stream.malformed
 
 
+@BOTH_ENGINES
 def test_replay_through_one_worker_applies_each_event_once(stream: Stream, tmp_path: Path):
     import urllib.request
 
@@ -180,6 +185,7 @@ def test_replay_through_one_worker_applies_each_event_once(stream: Stream, tmp_p
     check_outcome(stream, stored_records(tmp_path / "state"))
     log = (tmp_path / "worker.log").read_text()
     assert "malformed event(s)" in log and "partitions assigned" in log
+    assert f"engine {stream.env['LINREC_WORKER_ENGINE']}," in log  # the engine asked for is the one that ran
     assert 'linrec_events_total{outcome="applied"}' in metrics
     assert "linrec_end_to_end_seconds_bucket" in metrics and "linrec_dead_letters_total" in metrics
     # `recs tail` shows what the worker produced.
@@ -203,6 +209,7 @@ def test_replay_cli_produces_in_time_order_keyed_by_user(stream: Stream, tmp_pat
     assert got == [(1000000100, b"ann", "item-1"), (1000000200, b"bob", "item-3"), (1000000300, b"bob", "item-2")]
 
 
+@BOTH_ENGINES
 def test_sigkill_twice_then_restart(stream: Stream, tmp_path: Path):
     produce(stream, events=20_000, users=500, seed=2)
     state, rng = tmp_path / "state", random.Random(7)
@@ -222,6 +229,7 @@ def test_sigkill_twice_then_restart(stream: Stream, tmp_path: Path):
     check_outcome(stream, stored_records(state))
 
 
+@BOTH_ENGINES
 def test_two_workers_share_the_partitions(stream: Stream, tmp_path: Path):
     produce(stream, events=20_000, users=500, seed=3)
     a = start_worker(stream, tmp_path / "a", idle_exit=8, log_path=tmp_path / "a.log")
@@ -239,6 +247,7 @@ def test_two_workers_share_the_partitions(stream: Stream, tmp_path: Path):
     check_outcome(stream, records)
 
 
+@BOTH_ENGINES
 def test_empty_state_dir_restores_from_the_changelog(stream: Stream, tmp_path: Path):
     produce(stream, events=8_000, users=500, seed=4)
     wait(start_worker(stream, tmp_path / "first"))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from linrec_stream.settings import Settings
+from linrec_stream.settings import WORKER_ENGINES, Settings
 
 from ._common import Subparsers, UsageError, add_device_option, device, on_stop_signals, require_model_dir
 
@@ -19,6 +19,9 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
                              "swapped without a restart when another is promoted)")
     worker.add_argument("--swap-batch", type=int, default=512, metavar="N",
                         help="users rebuilt per step of the background sweep after a model swap")
+    worker.add_argument("--engine", choices=WORKER_ENGINES,
+                        help="Kafka client engine (setting worker_engine): kafka-python, or faust (faust-streaming's "
+                             "app on aiokafka)")
     worker.add_argument("--batch-size", type=int, help="most events per micro-batch (setting batch_size)")
     worker.add_argument("--batch-ms", type=int, help="longest wait to fill a micro-batch (setting batch_ms)")
     add_device_option(worker)
@@ -34,12 +37,13 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
 
     from consumers.worker import StreamWorker, WorkerOptions
 
-    overrides = {"batch_size": args.batch_size, "batch_ms": args.batch_ms}
+    overrides = {"batch_size": args.batch_size, "batch_ms": args.batch_ms, "worker_engine": args.engine}
     settings = settings.replace(**{k: v for k, v in overrides.items() if v is not None})
     if settings.batch_size < 1 or settings.batch_ms < 1:
         raise UsageError("--batch-size and --batch-ms must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    for noisy in ("kafka", "aiokafka", "faust", "mode"):  # clients' own INFO lines: connections, joins
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.swap_batch < 1:
         raise UsageError("--swap-batch must be >= 1")
     if args.model is not None:

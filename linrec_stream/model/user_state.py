@@ -75,6 +75,7 @@ MAGIC = b"LRUS"
 FORMAT_VERSION = 1
 _HEADER = struct.Struct("<4sHH16sBBHHHHQQI")
 HEADER_SIZE = _HEADER.size  # 54
+_DTYPE_AT = 25  # the dtype code's offset in the header
 _N_EVENTS_AT = 34  # where the per-user part of the header starts: events, cache length, CRC
 _TAIL = struct.Struct("<QQI")
 
@@ -250,6 +251,13 @@ class UserState:
             out.append(_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, version, vcode, dcode, L, H, d, 0, n, 0,
                                     zlib.crc32(payload)) + payload)
         return out
+
+    @staticmethod
+    def stored_dtype(blob: bytes) -> torch.dtype | None:
+        """The dtype a ``to_bytes`` blob stores its tensors in, read from the header alone (no
+        checks: ``from_bytes`` does them); None when the blob is too short or the code unknown.
+        For grouping blobs of a batch into runs ``from_bytes_many`` can read together."""
+        return _DTYPES.get(blob[_DTYPE_AT]) if len(blob) > _DTYPE_AT else None
 
     @staticmethod
     def from_bytes_many(blobs: Sequence[bytes]) -> UserState:
