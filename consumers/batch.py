@@ -59,6 +59,19 @@ class BatchResult:
     windows_dropped: int = 0  # stored windows of an unreadable vocabulary: states rebuilt from scratch
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, update, score, pack
 
+    def merged(self, later: BatchResult) -> BatchResult:
+        """This result followed by ``later``'s (a batch applied in two parts): a user's newest
+        record wins, recommendations and counts add up."""
+        records = {r.user: r for r in self.records}
+        records.update((r.user, r) for r in later.records)
+        timings = dict(self.timings)
+        for k, v in later.timings.items():
+            timings[k] = timings.get(k, 0.0) + v
+        return BatchResult(list(records.values()), self.recommendations + later.recommendations,
+                           self.applied + later.applied, self.duplicates + later.duplicates,
+                           self.unknown_items + later.unknown_items, self.rebuilt + later.rebuilt,
+                           self.windows_dropped + later.windows_dropped, timings)
+
 
 @torch.inference_mode()
 def apply_batch(

@@ -110,7 +110,8 @@ class Checkpoint:
         and, for a micro-batch, each consumed partition's next offset. Returns seconds spent."""
         t0 = time.perf_counter()
         for rej in rejected:
-            self.producer.send(self.dead_letter_topic, key=rej.key, value=rej.value, headers=rej.headers())
+            key, value, headers = rej.message()  # cut to fit one Kafka message, saying so
+            self.producer.send(self.dead_letter_topic, key=key, value=value, headers=headers)
         for rec in result.recommendations:
             self.producer.send(self.recommendations_topic, key=rec.user.encode(), value=rec.to_bytes())
         for r in result.records:

@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from consumers.batch import apply_batch
+from consumers.batch import BatchResult, apply_batch
 from consumers.checkpoint import Checkpoint, CheckpointPolicy
 from consumers.metrics import WorkerMetrics
 from consumers.serving import ServingModel
@@ -290,7 +290,7 @@ class StreamWorker:
         t_parsed = time.perf_counter()
         stored = self.checkpoint.read(e.user for e in events)
         t_read = time.perf_counter()
-        result = self.options.apply(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
+        result = self._apply_total(stored, events, records, rejected)
 
         sent = self.checkpoint.add(result, rejected, next_offsets)
         committed = self.checkpoint.maybe_commit(self.consumer.assigned())
@@ -299,6 +299,29 @@ class StreamWorker:
         if rejected:
             log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
                         ", ".join(sorted({r.reason for r in rejected})))
+
+    def _apply_total(self, stored: dict, events: list[Interaction], records: list[InputRecord],
+                     rejected: list[Rejected]) -> BatchResult:
+        """The batch function on ``events``; if it raises, the events are applied in halves, down
+        to the one message that raises, which goes to ``rejected`` (reason ``internal``): no
+        message can stop the worker, and every other event is applied, in order."""
+        try:
+            return self.options.apply(self.serving, stored, events, self.settings.top_k, self.settings.recent_window)
+        except Exception as exc:
+            if len(events) == 1:
+                e = events[0]
+                raw = next(r for r in records if (r.partition, r.offset) == (e.source.partition, e.source.offset))
+                log.warning("worker: event at partition %d offset %d raised %s; to %s", e.source.partition,
+                            e.source.offset, type(exc).__name__, self.settings.topic_dead_letter)
+                rejected.append(Rejected.internal(exc, raw.key, raw.value, e.source))
+                return BatchResult([], [])
+            if not events:
+                raise
+        mid = len(events) // 2
+        first = self._apply_total(stored, events[:mid], records, rejected)
+        # The second half sees the first half's new records (a user's events may span both).
+        second = self._apply_total({**stored, **{r.user: r for r in first.records}}, events[mid:], records, rejected)
+        return first.merged(second)
 
     def _observe_commits(self, seconds: dict[str, float]) -> None:
         for stage, secs in seconds.items():

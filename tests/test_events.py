@@ -19,7 +19,9 @@ def test_valid_event():
     ev = parse(value, key)
     assert ev == Interaction("alice", "Heat (1995)", 978300760.5, "e1", SRC)
     assert parse(json.dumps({"user": "alice", "item": "x", "ts": 978300760}).encode()).event_id is None
-    assert isinstance(parse(value, key=None), Interaction)  # an unkeyed message is accepted
+    # No key: its partition is not its user's (one user, one partition, one state): rejected.
+    unkeyed = parse(value, key=None)
+    assert isinstance(unkeyed, Rejected) and unkeyed.reason == "missing_key" and unkeyed.value == value
 
 
 @pytest.mark.parametrize("value, reason", [
@@ -42,6 +44,9 @@ def test_valid_event():
     (b'{"user": "alice", "item": "x", "ts": NaN}', "bad_timestamp"),
     (b'{"user": "alice", "item": "x", "ts": Infinity}', "bad_timestamp"),
     (b'{"user": "bob", "item": "x", "ts": 978300760}', "key_mismatch"),
+    # Valid JSON that no key, record or message could hold: lone surrogate escapes.
+    (b'{"user": "alice", "item": "\\ud800", "ts": 978300760}', "invalid_utf8"),
+    (b'{"user": "alice", "item": "x", "ts": 978300760, "event_id": "\\udfff"}', "invalid_utf8"),
 ])
 def test_malformed_events_are_rejected_with_their_reason(value, reason):
     out = parse(value)
@@ -59,3 +64,32 @@ def test_recommendation_message_format():
                     "source": {"topic": "interactions", "partition": 2, "offset": 41}, "event_id": "e1",
                     "event_ts": 978300760.0, "ingested_at": 1_700_000_000.0, "produced_at": 1.8e9,
                     "trigger": "event"}
+
+
+def test_a_lone_surrogate_user_is_rejected_not_raised():
+    value = b'{"user": "\\ud800", "item": "x", "ts": 978300760}'
+    out = parse(value, key=b"\xed\xa0\x80")
+    assert isinstance(out, Rejected) and out.reason == "invalid_utf8"
+    assert all(isinstance(v, bytes) for _, v in out.headers())
+
+
+def test_anything_unforeseen_while_parsing_is_internal(monkeypatch):
+    import linrec_stream.contracts.events as events
+
+    def boom(*args, **kwargs):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(events.json, "loads", boom)
+    out = parse(b'{"user": "alice", "item": "x", "ts": 978300760}')
+    assert isinstance(out, Rejected) and out.reason == "internal" and out.detail.startswith("RecursionError")
+
+
+def test_a_dead_letter_too_large_for_kafka_is_cut_and_says_so():
+    big = b"x" * 2_000_000
+    rej = Rejected("oversized", "too big", b"alice", big, SRC)
+    key, value, headers = rej.message(max_bytes=1_000_000)
+    size = len(key) + len(value) + sum(len(k) + len(v) for k, v in headers)
+    assert size <= 1_000_000 and big.startswith(value) and len(value) > 900_000
+    assert dict(headers)["dlq.truncated"] == b"2000000"
+    small = Rejected("invalid_json", "not JSON", b"alice", b"{", SRC).message()
+    assert small[1] == b"{" and "dlq.truncated" not in dict(small[2])

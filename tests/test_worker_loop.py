@@ -9,9 +9,11 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+from consumers.batch import apply_batch
 from consumers.metrics import WorkerMetrics
 from consumers.serving import ServingModel
 from consumers.worker import StreamWorker, WorkerOptions, WorkerParts
@@ -121,11 +123,12 @@ class FakeFollower:
 
 
 def run_worker(state_dir: Path, log: dict, group: dict, model: ServingModel, batch_size: int = 4,
-               registry: ModelRegistry | None = None, announce: Announcement | None = None) -> Run:
+               registry: ModelRegistry | None = None, announce: Announcement | None = None,
+               apply: Callable = apply_batch) -> Run:
     calls: list = []
     settings = Settings.load(env={}).replace(topic_interactions=TOPIC, metrics_port=0, summary_every_s=0.05,
                                              top_k=3)
-    options = WorkerOptions(None, state_dir, batch_size=batch_size, batch_ms=5)
+    options = WorkerOptions(None, state_dir, batch_size=batch_size, batch_ms=5, apply=apply)
     consumer, producer, changelog = FakeConsumer(log, group, calls), FakeProducer(calls), FakeChangelog(calls)
     parts = WorkerParts(consumer, producer, StateStore(state_dir, sync=False), changelog, model,
                         metrics=WorkerMetrics(), registry=registry,

@@ -22,7 +22,13 @@ end-to-end latency.
 
 interactions-dlq: the original message, bytes untouched (same key and value), with headers
 ``dlq.reason`` (one of :data:`REASONS`), ``dlq.detail`` (a sentence), ``dlq.topic``,
-``dlq.partition``, ``dlq.offset``.
+``dlq.partition``, ``dlq.offset``. A copy that would not fit in one Kafka message
+(:data:`DEAD_LETTER_MAX_BYTES`) keeps the first bytes of the value and says so in
+``dlq.truncated`` (the original value's length in bytes).
+
+A message without a key is rejected (``missing_key``): a user's events must all land in one
+partition (one worker, one state), which only the key gives. ``internal`` names a message whose
+handling raised (the exception's class in the detail); the worker goes on without it.
 """
 
 from __future__ import annotations
@@ -39,8 +45,11 @@ FUTURE_SLACK_S = 86_400.0  # clocks drift; a day ahead is still plausible, more 
 
 REASONS = (
     "oversized", "invalid_utf8", "invalid_json", "not_an_object", "missing_field", "bad_type",
-    "empty_field", "oversized_field", "bad_timestamp", "key_mismatch",
+    "empty_field", "oversized_field", "bad_timestamp", "key_mismatch", "missing_key", "internal",
 )
+# Key + value + headers of one dead letter at most: under the 1 MiB default of the broker's
+# message.max.bytes and of the producers' max_request_size, with room for the batch overhead.
+DEAD_LETTER_MAX_BYTES = 1_000_000
 
 
 @dataclass(frozen=True)
@@ -70,9 +79,27 @@ class Rejected:
 
     def headers(self) -> list[tuple[str, bytes]]:
         s = self.source
-        return [("dlq.reason", self.reason.encode()), ("dlq.detail", self.detail.encode()),
+        # The detail may quote input; backslashreplace keeps any str (a lone surrogate too) sendable.
+        return [("dlq.reason", self.reason.encode()), ("dlq.detail", self.detail.encode("utf-8", "backslashreplace")),
                 ("dlq.topic", s.topic.encode()), ("dlq.partition", str(s.partition).encode()),
                 ("dlq.offset", str(s.offset).encode())]
+
+    def message(self, max_bytes: int = DEAD_LETTER_MAX_BYTES) -> tuple[bytes | None, bytes | None,
+                                                                        list[tuple[str, bytes]]]:
+        """(key, value, headers) of the dead letter, at most ``max_bytes`` in all: a value that
+        does not fit is cut, with ``dlq.truncated`` = its original length."""
+        headers = self.headers()
+        size = len(self.key or b"") + sum(len(k) + len(v) for k, v in headers)
+        value = self.value
+        if value is not None and size + len(value) > max_bytes:
+            headers.append(("dlq.truncated", str(len(value)).encode()))
+            value = value[:max(0, max_bytes - size - 64)]  # 64: the header just added, with room
+        return self.key, value, headers
+
+    @classmethod
+    def internal(cls, exc: BaseException, key: bytes | None, value: bytes | None, source: Source) -> Rejected:
+        """A message whose handling raised ``exc``: reason ``internal``, the class in the detail."""
+        return cls("internal", f"{type(exc).__name__}: {exc}"[:500], key, value, source)
 
     @classmethod
     def from_message(cls, key: bytes | None, value: bytes | None,
@@ -96,11 +123,20 @@ class Limits:
 
 def parse_event(key: bytes | None, value: bytes | None, source: Source, limits: Limits,
                 now: float | None = None) -> Interaction | Rejected:
-    """Validate one interactions message; never raises on bad input."""
+    """Validate one interactions message; never raises (anything unforeseen is ``internal``)."""
+    try:
+        return _parse_event(key, value, source, limits, now)
+    except Exception as exc:  # total: one message never stops the worker
+        return Rejected.internal(exc, key, value, source)
 
+
+def _parse_event(key: bytes | None, value: bytes | None, source: Source, limits: Limits,
+                 now: float | None) -> Interaction | Rejected:
     def reject(reason: str, detail: str) -> Rejected:
         return Rejected(reason, detail, key, value, source)
 
+    if key is None:
+        return reject("missing_key", "the message has no key (the user id): its partition would not be its user's")
     if value is None:
         return reject("invalid_json", "empty message (null value)")
     if len(value) > limits.max_event_bytes:
@@ -129,6 +165,10 @@ def parse_event(key: bytes | None, value: bytes | None, source: Source, limits: 
             return reject("empty_field", f"field {name!r} is empty")
         if len(v) > limits.max_id_chars:
             return reject("oversized_field", f"field {name!r} has {len(v)} characters > {limits.max_id_chars}")
+        try:
+            v.encode("utf-8")
+        except UnicodeEncodeError:  # valid JSON ("\ud800"), but no key, record or message can hold it
+            return reject("invalid_utf8", f"field {name!r} is not encodable as UTF-8 (a lone surrogate escape)")
     ts = obj["ts"]
     if isinstance(ts, bool) or not isinstance(ts, (int, float)):
         return reject("bad_type", f"field 'ts' must be a number (epoch seconds), got {type(ts).__name__}")
@@ -136,7 +176,7 @@ def parse_event(key: bytes | None, value: bytes | None, source: Source, limits: 
     latest = (time.time() if now is None else now) + FUTURE_SLACK_S
     if not math.isfinite(ts) or not MIN_TS <= ts <= latest:
         return reject("bad_timestamp", f"ts {obj['ts']!r} is not an epoch time in seconds between 1990 and now")
-    if key is not None and key != obj["user"].encode("utf-8"):
+    if key != obj["user"].encode("utf-8"):
         # All events of a user must land in one partition, hence one worker and one state.
         return reject("key_mismatch", "message key differs from the 'user' field")
     return Interaction(obj["user"], obj["item"], ts, event_id, source)
