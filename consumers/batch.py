@@ -2,7 +2,9 @@
 recommendations out. Everything here is a pure function of (model, stored records, events).
 
 Per batch: events are grouped by user (each user's order kept), events a user's stored record
-already contains are dropped (the idempotence rule that makes re-delivery harmless), each
+already contains are dropped (the idempotence rule that makes re-delivery harmless), and so
+are upstream retries: an event whose ``event_id`` is among those of the user's last
+``serving.dedup_event_ids`` applied events (the record's recent set, then this batch's), each
 user's state is loaded, all of a user's new events are applied in one ``model.encode`` call
 from that state (equal to stepping them one by one), and each touched user's newest hidden
 state is scored once.
@@ -19,15 +21,21 @@ A stored window whose ids index a vocabulary the serving one does not extend, an
 States are stored in ``serving.state_dtype`` (float16/bfloat16 halve the bytes) and computed
 in the model's dtype.
 
-``new_events_by_user``, ``new_windows``, ``rank_top_k`` and ``make_recommendation`` are the
-building blocks of any batch function with ``apply_batch``'s signature (``WorkerOptions.apply``;
-the benchmark's re-encoding baseline, benchmarks/reencode.py, is another).
+The recent set is a sliding window over the user's applied events that have an id, so a batch
+applied in two parts equals one pass; an id that has slid out of it (``dedup_event_ids`` later
+events with ids) is applied again, and an event without ``event_id`` is never deduplicated by
+id. A skipped retry leaves the user's record as it was (offset, count, window and set).
+
+``new_events_by_user``, ``drop_repeated_event_ids``, ``new_windows``, ``rank_top_k`` and
+``make_recommendation`` are the building blocks of any batch function with ``apply_batch``'s
+signature (``WorkerOptions.apply``; the benchmark's re-encoding baseline, benchmarks/reencode.py,
+is another).
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from itertools import chain
 from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping, Sequence
@@ -39,10 +47,10 @@ from torch import Tensor
 from consumers.serving import ServingModel
 from linrec_stream.contracts.events import Interaction, Recommendation, Source
 from linrec_stream.model import StateMismatchError, UserState
-from state.record import UserRecord
+from state.record import UserRecord, event_id_hash
 
-__all__ = ["BatchResult", "ServingModel", "apply_batch", "make_recommendation", "new_events_by_user", "new_windows",
-           "rank_top_k", "rebuild_batch", "rebuild_state", "stored_windows"]
+__all__ = ["BatchResult", "ServingModel", "apply_batch", "drop_repeated_event_ids", "make_recommendation",
+           "new_events_by_user", "new_windows", "rank_top_k", "rebuild_batch", "rebuild_state", "stored_windows"]
 
 
 _MASKED = float("-inf")  # the score of an excluded (seen) item
@@ -53,11 +61,12 @@ class BatchResult:
     records: list[UserRecord]
     recommendations: list[Recommendation]
     applied: int = 0  # events applied (known and unknown items)
-    duplicates: int = 0  # events a stored state already contained
+    duplicates: int = 0  # events skipped: a stored state already contained them, or repeated event ids
     unknown_items: int = 0
     rebuilt: int = 0  # states rebuilt from their window (made by another model version)
     windows_dropped: int = 0  # stored windows of an unreadable vocabulary: states rebuilt from scratch
     timings: dict[str, float] = field(default_factory=dict)  # seconds: load, update, score, pack
+    duplicate_ids: int = 0  # of the duplicates, those skipped for their event_id (upstream retries)
 
     def merged(self, later: BatchResult) -> BatchResult:
         """This result followed by ``later``'s (a batch applied in two parts): a user's newest
@@ -70,7 +79,8 @@ class BatchResult:
         return BatchResult(list(records.values()), self.recommendations + later.recommendations,
                            self.applied + later.applied, self.duplicates + later.duplicates,
                            self.unknown_items + later.unknown_items, self.rebuilt + later.rebuilt,
-                           self.windows_dropped + later.windows_dropped, timings)
+                           self.windows_dropped + later.windows_dropped, timings,
+                           duplicate_ids=self.duplicate_ids + later.duplicate_ids)
 
 
 @torch.inference_mode()
@@ -87,6 +97,7 @@ def apply_batch(
     model = serving.model
     result = BatchResult([], [])
     per_user = new_events_by_user(stored, events, result)
+    recent_ids = drop_repeated_event_ids(stored, per_user, result, serving.dedup_event_ids)
     if not per_user:
         return result
     old_windows = stored_windows(serving, stored, per_user, result)
@@ -125,7 +136,7 @@ def apply_batch(
             user=user, state=state_bytes[row], model_version=serving.version, window=windows[row],
             events=(rec.events if rec is not None else 0) + len(evs), partition=last.source.partition,
             offset=last.source.offset, event_id=last.event_id, last_ts=last.ts, vocab_size=vocab_size,
-            vocab_crc=v_crc,
+            vocab_crc=v_crc, recent_ids=recent_ids.get(user, ()),
         ))
         if row in top_items:
             result.recommendations.append(make_recommendation(
@@ -237,6 +248,64 @@ def new_events_by_user(
             continue
         per_user.setdefault(ev.user, []).append(ev)
     return per_user
+
+
+def drop_repeated_event_ids(
+    stored: Mapping[str, UserRecord], per_user: OrderedDict[str, list[Interaction]], result: BatchResult,
+    keep: int,
+) -> dict[str, tuple[int, ...]]:
+    """Drops from ``per_user`` (``new_events_by_user``'s, in place) each event whose event_id is
+    among those of the user's last ``keep`` applied events with one (the stored record's
+    ``recent_ids``, then this batch's events kept so far): upstream retries, counted in
+    ``result.duplicates`` and ``result.duplicate_ids``; a user left without events is removed.
+
+    Returns each remaining user's recent set after this batch (the ``recent_ids`` of their new
+    record: oldest first, at most ``keep``); {} when ``keep`` is 0 (off: the sets are dropped)."""
+    if keep <= 0:
+        return {}
+    out: dict[str, tuple[int, ...]] = {}
+    trimmed: dict[str, list[Interaction]] = {}  # users with a retry: their remaining events
+    skipped = 0
+    for user, evs in per_user.items():
+        rec = stored.get(user)
+        old = rec.recent_ids[-keep:] if rec is not None else ()
+        if len(evs) == 1:  # the usual case once users spread over the stream: no set to build
+            eid = evs[0].event_id
+            if eid is None:
+                if old:
+                    out[user] = old
+                continue
+            h = event_id_hash(eid)
+            if h in old:  # a scan of a few dozen ints: cheaper than building a set of them
+                trimmed[user] = []
+            else:
+                out[user] = (*old[1:], h) if len(old) == keep else (*old, h)
+            continue
+        recent, members = deque(old), set(old)  # distinct ids: a duplicate never enters
+        kept: list[Interaction] = []
+        for ev in evs:
+            if ev.event_id is not None:
+                h = event_id_hash(ev.event_id)
+                if h in members:
+                    continue
+                if len(recent) == keep:
+                    members.discard(recent.popleft())
+                recent.append(h)
+                members.add(h)
+            kept.append(ev)
+        if len(kept) < len(evs):
+            trimmed[user] = kept
+        if kept:
+            out[user] = tuple(recent)
+    for user, kept in trimmed.items():
+        skipped += len(per_user[user]) - len(kept)
+        if kept:
+            per_user[user] = kept
+        else:
+            del per_user[user]
+    result.duplicates += skipped
+    result.duplicate_ids += skipped
+    return out
 
 
 def stored_windows(

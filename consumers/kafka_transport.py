@@ -18,11 +18,40 @@ log = logging.getLogger("linrec.worker")
 _updates_log = logging.getLogger("linrec.model_updates")
 
 
-def kafka_producer(settings: Settings) -> KafkaProducer:
-    """The worker's producer of recommendations and dead letters. Nobody waits for a micro-batch's
-    sends (the store commit flushes), so a short linger batches them without adding latency."""
-    return KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5, batch_size=1024 * 1024,
-                         max_in_flight_requests_per_connection=5)
+class DeliveryError(RuntimeError):
+    """Some sends were not acknowledged (kafka-python gave up on them, e.g. during an outage
+    longer than its delivery timeout); they are queued again: flush once more."""
+
+
+class KafkaSender:
+    """The worker's producer of recommendations and dead letters, on kafka-python.
+
+    Nobody waits for a micro-batch's sends (the store commit flushes), so a short linger batches
+    them without adding latency. kafka-python's ``flush`` returns when every send is done,
+    delivered or failed; this ``flush`` returns only when every send since the last one was
+    delivered: a failed one is sent again and ``DeliveryError`` raised, for the caller to flush
+    again once the broker is back (consumers/outage.py)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
+                                       batch_size=1024 * 1024, max_in_flight_requests_per_connection=5)
+        self._sent: list[tuple[object, tuple]] = []  # (future, send arguments) since the last flush
+
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None, headers=None) -> None:
+        args = (topic, value, key, headers)
+        self._sent.append((self._producer.send(topic, value=value, key=key, headers=headers), args))
+
+    def flush(self) -> None:
+        self._producer.flush()
+        failed = [(f.exception, args) for f, args in self._sent if f.failed()]
+        self._sent = []
+        if failed:
+            for _, args in failed:
+                self.send(*args)
+            raise DeliveryError(f"{len(failed)} send(s) not acknowledged ({failed[0][0]!r}); sent again")
+
+    def close(self) -> None:
+        self._producer.close()
 
 
 class KafkaGroupConsumer:

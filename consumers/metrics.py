@@ -44,10 +44,20 @@ class WorkerMetrics:
         self.windows_dropped = Counter(
             "linrec_windows_dropped", "stored windows of a vocabulary the served model cannot read (states "
             "rebuilt from the empty state)", registry=r)
+        self.duplicate_ids = Counter(
+            "linrec_duplicate_event_ids", "events skipped because the user's recent events hold their event_id "
+            "(upstream retries; also counted in linrec_events{outcome=\"duplicate\"})", registry=r)
         self.model_info = Gauge("linrec_model_info", "1 for the model version being served", ["version"], registry=r)
         self.swaps = Counter("linrec_model_swaps", "model versions swapped in without a restart", registry=r)
         self.swap_seconds = Gauge("linrec_model_swap_seconds",
                                   "last swap: announcement to every stored state of this worker rebuilt", registry=r)
+        self.damaged = Counter("linrec_damaged_records", "stored records that failed their checksum (restored "
+                               "from the changelog)", registry=r)
+        self.broker_down = Gauge("linrec_broker_unreachable", "1 while the worker waits out a Kafka outage",
+                                 registry=r)
+        self.outages = Counter("linrec_broker_outages", "Kafka outages waited out", registry=r)
+        self.outage_seconds = Counter("linrec_broker_outage_seconds", "seconds spent waiting out Kafka outages",
+                                      registry=r)
         # For the summary line: recent latencies (bounded) and counts since the last line.
         self._recent_latency: deque[float] = deque(maxlen=20_000)
         self._since = time.monotonic()
@@ -61,6 +71,17 @@ class WorkerMetrics:
         """Expose /metrics on ``port`` (0: do not)."""
         if port:
             start_http_server(port, registry=self.registry)
+
+    def observe_damaged(self, records: int) -> None:
+        self.damaged.inc(records)
+
+    def observe_outage(self, down: bool, seconds: float) -> None:
+        """Kafka became unreachable (``down``), or reachable again after ``seconds``."""
+        self.broker_down.set(1 if down else 0)
+        if down:
+            self.outages.inc()
+        else:
+            self.outage_seconds.inc(seconds)
 
     def observe_latency(self, seconds: float) -> None:
         self.latency.observe(seconds)
@@ -96,6 +117,7 @@ class WorkerMetrics:
         self.recommendations.inc(len(result.recommendations))
         self.rebuilt.inc(result.rebuilt)
         self.windows_dropped.inc(result.windows_dropped)
+        self.duplicate_ids.inc(result.duplicate_ids)
         for rej in rejected:
             self.dead_letters.labels(rej.reason).inc()
         self.totals["events"] += result.applied

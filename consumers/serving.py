@@ -1,6 +1,6 @@
 """The model a worker serves: a trained model with its item vocabulary, ready to serve, and how
 its user records are read and written (the dtype states are stored in, the vocabulary a
-record's window ids index)."""
+record's window ids index, how many recent event ids a record keeps)."""
 
 from __future__ import annotations
 
@@ -13,10 +13,13 @@ import torch
 
 from linrec_stream.model import LinRecModel, UserState
 from linrec_stream.model.run_dir import Vocab, load_run
-from state.record import UserRecord, vocab_crc
+from state.record import MAX_RECENT_IDS, UserRecord, vocab_crc
 
 #: The dtypes a state may be stored in (the ``state_dtype`` setting's names).
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: The ``dedup_event_ids`` setting's default: recent event ids a user record keeps.
+DEDUP_EVENT_IDS = 32
 
 #: Version id -> the vocabulary of that model version (its run directory's), None if unknown.
 VocabLookup = Callable[[str], "Vocab | None"]
@@ -41,6 +44,9 @@ class ServingModel:
     vocab_of: finds the vocabulary of another model version (the registry's run directories),
         to read the window ids of a record whose vocabulary this one does not extend; None: such
         a window cannot be read (the batch drops it and rebuilds the state from scratch).
+    dedup_event_ids: the ``dedup_event_ids`` setting: each record keeps the hashed event ids of
+        the user's latest this many applied events, and a batch skips an event whose id is among
+        them (an upstream retry at a new offset); 0: events are deduplicated by offset only.
     """
 
     model: LinRecModel
@@ -50,6 +56,7 @@ class ServingModel:
     empty: UserState  # a new user's state (a value: stacking copies it)
     state_dtype: torch.dtype | None = None
     vocab_of: VocabLookup | None = field(default=None, compare=False, repr=False)
+    dedup_event_ids: int = DEDUP_EVENT_IDS
     #: (vocab_size, vocab_crc) of this vocabulary, written into every record (state/record.py).
     vocab_tag: tuple[int, int] = field(init=False)
     # Per instance, filled lazily: prefix size -> crc of this vocabulary's first ids, and
@@ -59,21 +66,26 @@ class ServingModel:
         init=False, default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not 0 <= self.dedup_event_ids <= MAX_RECENT_IDS:
+            raise ValueError(f"dedup_event_ids must be 0 .. {MAX_RECENT_IDS}, got {self.dedup_event_ids}")
         object.__setattr__(self, "vocab_tag", (len(self.vocab), vocab_crc(self.vocab.items)))
 
     @classmethod
     def load(cls, model_dir: Path, device: torch.device | str = "cpu", *,
-             state_dtype: str | torch.dtype | None = None, vocab_of: VocabLookup | None = None) -> "ServingModel":
+             state_dtype: str | torch.dtype | None = None, vocab_of: VocabLookup | None = None,
+             dedup_event_ids: int = DEDUP_EVENT_IDS) -> "ServingModel":
         """The model of a run directory on ``device`` (``state_dtype``: a setting name such as
         "float16", a torch dtype, or None for the model's own)."""
-        return cls.of(*load_run(model_dir, device), state_dtype=state_dtype, vocab_of=vocab_of)
+        return cls.of(*load_run(model_dir, device), state_dtype=state_dtype, vocab_of=vocab_of,
+                      dedup_event_ids=dedup_event_ids)
 
     @classmethod
     def of(cls, model: LinRecModel, vocab: Vocab | Sequence[str], *, state_dtype: str | torch.dtype | None = None,
-           vocab_of: VocabLookup | None = None) -> "ServingModel":
+           vocab_of: VocabLookup | None = None, dedup_event_ids: int = DEDUP_EVENT_IDS) -> "ServingModel":
         model = model.eval()
         vocab = vocab if isinstance(vocab, Vocab) else Vocab.of(vocab)
-        return cls(model, vocab, model.version, model.init_state(1), storage_dtype(state_dtype), vocab_of)
+        return cls(model, vocab, model.version, model.init_state(1), storage_dtype(state_dtype), vocab_of,
+                   dedup_event_ids)
 
     def ids(self, items: Iterable[str]) -> list[int]:
         """Model ids of the known items among ``items`` (unknown ones dropped)."""

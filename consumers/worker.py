@@ -48,6 +48,7 @@ import torch
 from consumers.batch import BatchResult, apply_batch
 from consumers.checkpoint import Checkpoint, CheckpointPolicy
 from consumers.metrics import WorkerMetrics
+from consumers.outage import OutageGuard
 from consumers.serving import ServingModel
 from consumers.swap import ModelSwaps, registry_vocabs
 from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource
@@ -73,6 +74,9 @@ class WorkerOptions:
     # benchmark's stateless re-encoding baseline, benchmarks/reencode.py).
     apply: Callable = apply_batch
     swap_batch: int = 512  # users rebuilt per step of the background sweep after a model swap
+    # An unreadable state store: "move-aside" (keep it beside, start empty, restore from the
+    # changelog) or "refuse" (stop with a one-line error).
+    on_store_damage: str = "move-aside"
 
 
 @dataclass
@@ -122,9 +126,12 @@ def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
                                     "`linrec-stream models add RUN_DIR --promote`")
             model_dir = registry.path(version)
         serving = ServingModel.load(model_dir, options.device, state_dtype=settings.state_dtype,
+                                    dedup_event_ids=settings.dedup_event_ids,
                                     vocab_of=registry_vocabs(registry) if registry is not None else None)
-        store = StateStore(options.state_dir)
+        store, damage = StateStore.open_or_recover(options.state_dir, on_damage=options.on_store_damage)
         built.callback(store.close)
+        if damage:
+            log.warning("worker: %s", damage)
         changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
         built.callback(changelog.close)
         changelog.ensure_topic(settings.interactions_partitions)
@@ -140,9 +147,9 @@ def _transport(settings: Settings, options: WorkerOptions) -> tuple[GroupConsume
 
         engine = FaustEngine(settings, options.batch_size)
         return engine, engine  # one faust app consumes and produces
-    from consumers.kafka_transport import KafkaGroupConsumer, kafka_producer
+    from consumers.kafka_transport import KafkaGroupConsumer, KafkaSender
 
-    producer = kafka_producer(settings)
+    producer = KafkaSender(settings)
     try:
         return KafkaGroupConsumer(settings, options.batch_size), producer
     except BaseException:
@@ -172,6 +179,8 @@ class StreamWorker:
                                 registry=p.registry, device=options.device, swap_batch=options.swap_batch,
                                 top_k=settings.top_k, topic=settings.topic_interactions)
         self._last_summary = time.monotonic()
+        # Kafka steps are repeated through an outage; run() hands it the stop event.
+        self.guard = OutageGuard(p.metrics)
 
     @property
     def serving(self) -> ServingModel:
@@ -186,9 +195,9 @@ class StreamWorker:
         if pending:
             # What is staged goes to the store and the changelog first: a partition that comes
             # back stale is restored from the changelog, and no staged state may shadow that.
-            self.checkpoint.commit(self.consumer.assigned())
+            self.guard.run(lambda: self.checkpoint.commit(self.consumer.assigned()), "the commit before positioning")
         for partition in sorted(pending):
-            self._position(partition)
+            self.guard.run(lambda: self._position(partition), f"positioning partition {partition}")
         return pending
 
     def _position(self, partition: int) -> None:
@@ -209,6 +218,7 @@ class StreamWorker:
     # --- the loop -----------------------------------------------------------------------------
     def run(self, stop: threading.Event | None = None, idle_exit_s: float | None = None) -> None:
         stop = stop or threading.Event()
+        self.guard.stop = stop
         m = self.serving.model
         log.info("worker: model %s (%s, %d items) on %s; state in %s; engine %s, group %s; batches of up to %d "
                  "events / %d ms", self.serving.version, m.config.attention, m.config.num_items, m.device,
@@ -236,7 +246,8 @@ class StreamWorker:
                 if not records:
                     # Caught up: commit everything now, so what is applied is durable everywhere
                     # (and the group's offsets show it) within one poll of the stream going quiet.
-                    self._observe_commits(self.checkpoint.maybe_commit(self.consumer.assigned(), idle=True))
+                    self._observe_commits(self.guard.run(
+                        lambda: self.checkpoint.maybe_commit(self.consumer.assigned(), idle=True), "the idle commit"))
                     self.consumer.rejoin_if_stuck()
                 if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
                     self._log_summary()
@@ -289,16 +300,33 @@ class StreamWorker:
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
         t_parsed = time.perf_counter()
         stored = self.checkpoint.read(e.user for e in events)
+        damaged = self.store.take_damaged()
+        if damaged:
+            stored = self._recover_damaged(damaged, events)
         t_read = time.perf_counter()
         result = self._apply_total(stored, events, records, rejected)
 
-        sent = self.checkpoint.add(result, rejected, next_offsets)
-        committed = self.checkpoint.maybe_commit(self.consumer.assigned())
+        # Repeating add() re-sends (at-least-once) and re-stages the same records: safe.
+        sent = self.guard.run(lambda: self.checkpoint.add(result, rejected, next_offsets), "sending a batch")
+        committed = self.guard.run(lambda: self.checkpoint.maybe_commit(self.consumer.assigned()), "a commit")
         stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings, **sent, **committed}
         self.metrics.observe_batch_result(result, rejected, stages, consumed=len(records))
         if rejected:
             log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
                         ", ".join(sorted({r.reason for r in rejected})))
+
+    def _recover_damaged(self, users: list[str], events: list[Interaction]) -> dict:
+        """Stored records that failed their checksum: their users' partitions are restored from
+        the changelog (a record there is the user's state at the last changelog commit; the
+        user's events applied since are not in it), then the batch's records are read again."""
+        damaged = set(users)
+        partitions = sorted({e.source.partition for e in events if e.user in damaged})
+        self.metrics.observe_damaged(len(users))
+        log.warning("worker: %d stored record(s) failed their checksum (%s); restoring partition(s) %s from %s",
+                    len(users), ", ".join(users[:5]) + (" ..." if len(users) > 5 else ""), partitions,
+                    self.settings.topic_state_changelog)
+        self.guard.run(lambda: self.changelog.restore(self.store, partitions), "restoring damaged records")
+        return self.checkpoint.read(e.user for e in events)
 
     def _apply_total(self, stored: dict, events: list[Interaction], records: list[InputRecord],
                      rejected: list[Rejected]) -> BatchResult:

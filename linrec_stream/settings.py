@@ -39,8 +39,15 @@ def _check_port_or_off(value: int) -> None:
 
 
 def _check_positive(value: int | float) -> None:
-    if value <= 0:
-        raise ValueError(f"must be > 0, got {value}")
+    if not value > 0 or value == float("inf"):  # NaN compares false: refused too
+        raise ValueError(f"must be a finite number > 0, got {value}")
+
+
+def _check_servers(value: str) -> None:
+    # host:port[,host:port...]: an empty or port-less list would only fail later, as a timeout.
+    servers = [v.strip() for v in value.split(",")]
+    if not all(h and p.isdigit() for h, _, p in (v.rpartition(":") for v in servers)):
+        raise ValueError(f"a comma-separated list of host:port, got {value!r}")
 
 
 def _check_topic(value: str) -> None:
@@ -69,6 +76,15 @@ def _check_state_dtype(value: str) -> None:
         raise ValueError(f"one of {', '.join(STATE_DTYPES)}, got {value!r}")
 
 
+#: The most event ids a user record's recent set holds (its u16 count, state/record.py).
+MAX_DEDUP_EVENT_IDS = 0xFFFF
+
+
+def _check_dedup_event_ids(value: int) -> None:
+    if not 0 <= value <= MAX_DEDUP_EVENT_IDS:
+        raise ValueError(f"must be 0 (off) .. {MAX_DEDUP_EVENT_IDS}, got {value}")
+
+
 WORKER_ENGINES = ("kafka-python", "faust")
 
 
@@ -86,7 +102,7 @@ class Settings:
     """Every knob of linrec-stream. Paths are resolved against the working directory."""
 
     # --- Kafka client side -------------------------------------------------------------
-    bootstrap_servers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated")
+    bootstrap_servers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated", _check_servers)
     # --- the local broker that `linrec-stream kafka start` runs ---------------------------
     kafka_port: int = _setting(9092, "local broker's client port on 127.0.0.1", _check_port)
     kafka_controller_port: int = _setting(9093, "local broker's KRaft controller port on 127.0.0.1", _check_port)
@@ -124,6 +140,9 @@ class Settings:
     recent_window: int = _setting(200, "recent item ids kept per user (excluded from recommendations)", _check_positive)
     max_event_bytes: int = _setting(4096, "larger interaction messages go to the dead-letter topic", _check_positive)
     max_id_chars: int = _setting(256, "longest user or item id accepted", _check_positive)
+    dedup_event_ids: int = _setting(
+        32, "worker: event ids kept per user to skip an upstream retry (same event_id, new offset) as a duplicate; "
+        "an id older than the last this many is applied again (0: off)", _check_dedup_event_ids)
     state_dtype: str = _setting(
         "float32", "worker: dtype user states are stored in (float32, float16, bfloat16; float16/bfloat16 halve the "
         "state bytes at a small loss; the model computes in its own dtype)", _check_state_dtype)

@@ -53,6 +53,12 @@ class ChangelogError(RuntimeError):
     """The changelog topic is missing, misconfigured, unreachable, or a send failed."""
 
 
+class ChangelogTimeout(ChangelogError):
+    """The changelog did not answer in time (an outage?): waiting and repeating may cure it."""
+
+    retriable = True  # as kafka-python marks its own transient errors (consumers/outage.py)
+
+
 class Changelog:
     """A compacted Kafka topic (key = user id, value = UserRecord bytes), one partition per
     interactions partition (record goes to partition = record.partition), so any machine can
@@ -165,8 +171,8 @@ class Changelog:
         """Rebuild the users of ``partitions`` in ``store`` from the changelog.
 
         Reads each partition from the beginning to its end offset at the start of the call;
-        per user keeps the record with the highest (partition, offset), also against a record
-        the store already holds (so restoring into a non-empty or stale store never moves a
+        per user keeps the newest record (``UserRecord.supersedes``: the higher offset on one
+        partition, the later event across partitions), also against a record the store already holds (so restoring into a non-empty or stale store never moves a
         user back); writes in batches of RESTORE_BATCH (WAL fsynced once at the end).
         Returns {partition: users restored}, counting each user whose stored record now comes
         from the changelog once, under the changelog partition it was read from.
@@ -207,7 +213,7 @@ class Changelog:
             while remaining:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise ChangelogError(
+                    raise ChangelogTimeout(
                         f"restore of {self.topic} timed out after {timeout_s}s; not at the end: "
                         + ", ".join(f"p{tp.partition} at {consumer.position(tp)}/{end[tp]}" for tp in sorted(remaining))
                     )
@@ -221,7 +227,7 @@ class Changelog:
                         except RecordError as e:
                             raise ChangelogError(f"{self.topic} p{tp.partition} offset {m.offset}: {e}") from e
                         old = pending.get(rec.user)
-                        if old is None or _newer(rec, old[0]):
+                        if old is None or rec.supersedes(old[0]):
                             pending[rec.user] = (rec, tp.partition)
                 if len(pending) >= RESTORE_BATCH:
                     _write_newer(store, pending, restored)
@@ -257,11 +263,6 @@ class Changelog:
         self.close()
 
 
-def _newer(a: UserRecord, b: UserRecord) -> bool:
-    """a reflects later input than b: the highest (partition, offset) wins."""
-    return (a.partition, a.offset) > (b.partition, b.offset)
-
-
 def _write_newer(store: StateStore, pending: dict[str, tuple[UserRecord, int]], restored: dict[str, int]) -> None:
     """Write the pending records that are newer than the store's (no sync: restore syncs once
     at the end); note in ``restored`` which changelog partition each written user came from."""
@@ -271,7 +272,7 @@ def _write_newer(store: StateStore, pending: dict[str, tuple[UserRecord, int]], 
     keep = []
     for user, (rec, partition) in pending.items():
         old = current.get(user)
-        if old is None or _newer(rec, old):
+        if old is None or rec.supersedes(old):
             keep.append(rec)
             restored[user] = partition
     store.commit(keep, {}, sync=False)

@@ -40,9 +40,36 @@ def broker(settings: Settings):
 
     local = LocalBroker(settings)
     started = local.start(log=lambda m: None)
+    before = _topic_names(settings)
     yield settings
+    # The tests' private topics go with them, so that a broker kept running stays clean.
+    _delete_topics(settings, _topic_names(settings) - before)
     if not started.already_running:
         local.stop()
+
+
+def _topic_names(settings: Settings) -> set[str]:
+    from kafka import KafkaAdminClient
+
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        return set(admin.list_topics())
+    finally:
+        admin.close()
+
+
+def _delete_topics(settings: Settings, names: set[str]) -> None:
+    from kafka import KafkaAdminClient
+
+    if not names:
+        return
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    try:
+        admin.delete_topics(sorted(names), timeout_ms=30_000)
+    except Exception as exc:  # cleaning up must not fail the run
+        print(f"conftest: could not delete {len(names)} test topics: {exc}")
+    finally:
+        admin.close()
 
 
 def free_port() -> int:

@@ -15,7 +15,8 @@ from consumers.serving import ServingModel
 from linrec_stream.contracts.events import Interaction, Source
 from linrec_stream.model import UserState
 from linrec_stream.model.user_state import HEADER_SIZE
-from state.record import UserRecord
+from linrec_stream.settings import Settings, SettingsError
+from state.record import UserRecord, event_id_hash
 from tests.helpers import item_vocab, tiny_serving
 
 NUM_ITEMS = 20
@@ -295,3 +296,117 @@ def test_a_batch_of_one_event_per_user_steps_equal_to_encode(attention: str):
         if u in recs:
             scores = logits[row].tolist()
             assert recs[u].scores == pytest.approx([scores[k] for k in sm.ids(recs[u].items)], abs=1e-5)
+
+
+# --- event ids: upstream retries (the same event_id at a new offset) ------------------------------
+def with_ids(rows: list[tuple[str, str, str | None]], start: int = 0) -> list[Interaction]:
+    """(user, item, event_id) rows as consecutive messages of partition 0 from offset ``start``."""
+    return [Interaction(user, item, 1e9 + off, eid, Source(TOPIC, 0, off, 1_700_000_000_000 + off))
+            for off, (user, item, eid) in enumerate(rows, start)]
+
+
+def dedup(sm: ServingModel, keep: int) -> ServingModel:
+    return ServingModel.of(sm.model, sm.vocab, dedup_event_ids=keep)
+
+
+def hashes(*event_ids: str) -> tuple[int, ...]:
+    return tuple(event_id_hash(e) for e in event_ids)
+
+
+def test_the_dedup_setting_reaches_the_batch_through_the_serving_model(sm: ServingModel):
+    assert sm.dedup_event_ids == Settings().dedup_event_ids == 32  # the same default both ways
+    assert Settings(dedup_event_ids=0).dedup_event_ids == 0
+    with pytest.raises(SettingsError, match=r"^setting dedup_event_ids: must be 0 \(off\) .. 65535, got -1$"):
+        Settings(dedup_event_ids=-1)
+    with pytest.raises(ValueError, match="dedup_event_ids"):
+        dedup(sm, 70_000)  # more than a record holds
+
+
+def test_a_retried_event_id_is_applied_once_within_and_across_batches(sm: ServingModel):
+    first = with_ids([("a", "i1", "x1"), ("b", "i2", "y1"), ("a", "i3", "x1"), ("a", "i4", "x2")])
+    result, records = apply(sm, {}, first)
+    assert (result.applied, result.duplicates, result.duplicate_ids) == (3, 1, 1)
+    a = records["a"]
+    assert (a.events, a.offset, a.event_id, a.window) == (2, 3, "x2", ids(sm, "i1", "i4"))
+    assert a.recent_ids == hashes("x1", "x2") and records["b"].recent_ids == hashes("y1")
+    assert_state(sm, a, ["i1", "i4"])
+    assert UserRecord.from_bytes(a.to_bytes()) == a
+
+    # Later retries at new offsets: skipped against the stored set. The same id for another
+    # user (c) is another event; a re-delivered offset (3) is a duplicate, not a duplicate id.
+    second = first[3:] + with_ids([("a", "i5", "x1"), ("b", "i6", "y1"), ("c", "i7", "x1"), ("a", "i8", "x3")],
+                                  start=4)
+    again, after = apply(sm, records, second)
+    assert (again.applied, again.duplicates, again.duplicate_ids) == (2, 3, 2)
+    assert set(after) == {"a", "c"} and {r.user for r in again.recommendations} == {"a", "c"}  # b: only a retry
+    assert (after["a"].events, after["a"].offset, after["a"].window) == (3, 7, ids(sm, "i1", "i4", "i8"))
+    assert after["a"].recent_ids == hashes("x1", "x2", "x3") and after["c"].recent_ids == hashes("x1")
+    assert_state(sm, after["a"], ["i1", "i4", "i8"])
+    # Merged results add the new counter up; a model swap's rebuild keeps the set.
+    assert result.merged(again).duplicate_ids == 3
+    (rebuilt,) = rebuild_batch(serving_model(seed=1), [after["a"]], 5, TOPIC).records
+    assert rebuilt.recent_ids == after["a"].recent_ids
+
+
+def test_the_recent_set_keeps_the_last_ids_and_an_older_one_is_applied_again(sm: ServingModel):
+    two = dedup(sm, 2)
+    _, stored = apply(two, {}, with_ids([("a", "i1", "x1"), ("a", "i2", "x2"), ("a", "i3", "x3")]))
+    assert stored["a"].recent_ids == hashes("x2", "x3")  # x1, the oldest, dropped
+    # Documented: x1 has slid out of the set, so its retry is applied again; x3's is skipped.
+    result, records = apply(two, stored, with_ids([("a", "i4", "x1"), ("a", "i5", "x3")], start=3))
+    assert (result.applied, result.duplicate_ids) == (1, 1)
+    assert records["a"].recent_ids == hashes("x3", "x1") and records["a"].events == 4
+    # Within one batch the set slides the same way: x1 is 2 ids back when retried, then 3.
+    within, one = apply(two, {}, with_ids([("a", "i1", "x1"), ("a", "i2", "x2"), ("a", "i3", "x1"),
+                                           ("a", "i4", "x3"), ("a", "i5", "x1")]))
+    assert (within.applied, within.duplicate_ids) == (4, 1)
+    assert one["a"].recent_ids == hashes("x3", "x1") and one["a"].window == ids(sm, "i1", "i2", "i4", "i5")
+    # A smaller bound than a stored set's (the setting lowered) keeps its newest ids.
+    (lowered,) = apply(dedup(sm, 1), stored, with_ids([("a", "i6", "x2")], start=3))[0].records
+    assert lowered.recent_ids == hashes("x2") and lowered.events == 4  # x2 was 2 back: applied again
+
+
+def test_zero_turns_event_id_dedup_off(sm: ServingModel):
+    retried = with_ids([("a", "i1", "x1"), ("a", "i2", "x1")])
+    _, stored = apply(sm, {}, retried[:1])
+    off = dedup(sm, 0)
+    result, records = apply(off, stored, retried[1:])
+    assert (result.applied, result.duplicates, result.duplicate_ids) == (1, 0, 0)
+    assert records["a"].events == 2 and records["a"].recent_ids == ()  # no set kept when off
+    assert_state(sm, records["a"], ["i1", "i2"])
+    both, _ = apply(off, {}, retried)
+    assert (both.applied, both.duplicates) == (2, 0)
+    # Offsets still deduplicate.
+    assert apply(off, records, retried)[0].duplicates == 2
+
+
+def test_events_without_an_event_id_are_never_deduplicated_by_id(sm: ServingModel):
+    _, stored = apply(sm, {}, with_ids([("a", "i1", "x1")]))
+    same = with_ids([("a", "i2", None), ("a", "i2", None), ("b", "i3", None)], start=1)
+    result, records = apply(sm, stored, same)
+    assert (result.applied, result.duplicates, result.duplicate_ids) == (3, 0, 0)
+    assert records["a"].events == 3 and records["a"].event_id is None
+    assert records["a"].recent_ids == hashes("x1") and records["b"].recent_ids == ()  # the stored set carries on
+    assert_state(sm, records["a"], ["i1", "i2", "i2"])
+
+
+def test_with_retries_two_batches_still_equal_one(sm: ServingModel):
+    rng = random.Random(5)
+    pool = [f"x{k}" for k in range(8)]  # few ids: many retries, some of them slid out of the set
+    rows = [(rng.choice("ab"), f"i{rng.randint(1, NUM_ITEMS)}", rng.choice(pool + [None])) for _ in range(40)]
+    events, three = with_ids(rows), dedup(sm, 3)
+    whole, whole_records = apply(three, {}, events, window=8)
+    assert whole.duplicate_ids > 0 and whole.applied + whole.duplicates == 40
+    for cut in range(1, 40, 3):
+        head, stored = apply(three, {}, events[:cut], window=8)
+        tail, tail_records = apply(three, stored, events[cut:], window=8)
+        assert (head.applied + tail.applied, head.duplicates + tail.duplicates,
+                head.duplicate_ids + tail.duplicate_ids) == (whole.applied, whole.duplicates, whole.duplicate_ids)
+        final = {**stored, **tail_records}
+        assert set(final) == set(whole_records)
+        for user, rec in whole_records.items():
+            got = final[user]
+            assert (got.window, got.events, got.offset, got.event_id, got.recent_ids) == \
+                (rec.window, rec.events, rec.offset, rec.event_id, rec.recent_ids)
+            torch.testing.assert_close(UserState.from_bytes(got.state).S, UserState.from_bytes(rec.state).S,
+                                       rtol=1e-4, atol=1e-6)

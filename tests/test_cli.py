@@ -14,6 +14,8 @@ from tests.conftest import run_cli
         (["settings", "--config", "/no/such/file.toml"], {}, "settings file /no/such/file.toml does not exist"),
         (["settings"], {"LINREC_KAFKA_HEAP": "x"}, "LINREC_KAFKA_HEAP: a JVM heap size"),
         (["topics", "create", "--nope"], {}, "unrecognized arguments: --nope"),
+        (["settings", "--set", "summary_every_s=nan"], {}, "summary_every_s: must be a finite number > 0, got nan"),
+        (["settings", "--bootstrap-servers", ""], {}, "bootstrap_servers: a comma-separated list of host:port"),
     ],
 )
 def test_wrong_input_is_one_line(args, env, expected):
@@ -39,3 +41,11 @@ def test_readme_settings_reference_is_complete():
     readme = (REPO / "README.md").read_text()
     for name in Settings.names():
         assert f"| `{name}` | `LINREC_{name.upper()}` |" in readme, f"README lacks setting {name}"
+
+
+def test_replay_of_an_empty_file_says_so(tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    res = run_cli("replay", "--data", str(empty), "--no-progress")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip() == f"linrec-stream: error: nothing to replay: {empty} holds no events"

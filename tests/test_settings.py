@@ -37,7 +37,10 @@ def test_types_are_parsed():
     [
         ({"LINREC_KAFKA_PORT": "abc"}, "LINREC_KAFKA_PORT: expected an integer, got 'abc'"),
         ({"LINREC_KAFKA_PORT": "70000"}, "LINREC_KAFKA_PORT: a TCP port is 1..65535, got 70000"),
-        ({"LINREC_INTERACTIONS_PARTITIONS": "0"}, "LINREC_INTERACTIONS_PARTITIONS: must be > 0, got 0"),
+        ({"LINREC_SUMMARY_EVERY_S": "nan"}, "LINREC_SUMMARY_EVERY_S: must be a finite number > 0, got nan"),
+        ({"LINREC_BOOTSTRAP_SERVERS": ""}, "LINREC_BOOTSTRAP_SERVERS: a comma-separated list of host:port, got ''"),
+        ({"LINREC_BOOTSTRAP_SERVERS": "broker1"}, "LINREC_BOOTSTRAP_SERVERS: a comma-separated list of host:port, got 'broker1'"),
+        ({"LINREC_INTERACTIONS_PARTITIONS": "0"}, "LINREC_INTERACTIONS_PARTITIONS: must be a finite number > 0, got 0"),
         ({"LINREC_TOPIC_INTERACTIONS": "no spaces"}, "LINREC_TOPIC_INTERACTIONS: a Kafka topic name"),
         ({"LINREC_KAFKA_HEAP": "lots"}, "LINREC_KAFKA_HEAP: a JVM heap size"),
         ({"LINREC_DEVICE": "tpu"}, "LINREC_DEVICE: one of auto, cpu, cuda"),

@@ -24,7 +24,7 @@ from hypothesis import given, settings as hsettings, strategies as st
 
 from linrec_stream.settings import Settings
 from state import Changelog, ChangelogError, RecordError, StateStore, StateStoreError, UserRecord
-from state.record import FORMAT_VERSION, MAGIC, vocab_crc
+from state.record import FORMAT_VERSION, MAGIC, event_id_hash, vocab_crc
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,21 @@ def rec(user: str = "u1", offset: int = 10, partition: int = 0, state: bytes = b
 
 
 # --- UserRecord --------------------------------------------------------------------------------
+def test_supersedes_is_offset_order_on_a_partition_and_event_time_across():
+    assert rec(offset=11).supersedes(rec(offset=10)) and not rec(offset=10).supersedes(rec(offset=11))
+    assert not rec(offset=10).supersedes(rec(offset=10))
+    # A user whose events landed on two partitions (another partitioner): the later event wins,
+    # whatever the partition numbers or offsets.
+    early_high = rec(offset=900, partition=3, last_ts=1.7e9)
+    late_low = rec(offset=5, partition=0, last_ts=1.7e9 + 60)
+    assert late_low.supersedes(early_high) and not early_high.supersedes(late_low)
+    # Same event time: more events, then the higher partition, so that reading order never decides.
+    a, b = rec(partition=0, events=4), rec(partition=1, events=3)
+    assert a.supersedes(b) and not b.supersedes(a)
+    c, d = rec(partition=0, events=3), rec(partition=1, events=3)
+    assert d.supersedes(c) and not c.supersedes(d)
+
+
 
 @st.composite
 def tagged_windows(draw) -> tuple[int, int, tuple[int, ...]]:
@@ -46,9 +61,11 @@ def tagged_windows(draw) -> tuple[int, int, tuple[int, ...]]:
     return size, draw(st.integers(0, 2**32 - 1)), window
 
 
-def _record(user, state, model_version, tagged, events, partition, offset, event_id, last_ts) -> UserRecord:
+def _record(user, state, model_version, tagged, events, partition, offset, event_id, last_ts,
+            recent_ids=()) -> UserRecord:
     size, crc, window = tagged
-    return UserRecord(user, state, model_version, window, events, partition, offset, event_id, last_ts, size, crc)
+    return UserRecord(user, state, model_version, window, events, partition, offset, event_id, last_ts, size, crc,
+                      recent_ids=recent_ids)
 
 
 records = st.builds(
@@ -62,6 +79,7 @@ records = st.builds(
     offset=st.integers(0, 2**63 - 1),
     event_id=st.none() | st.text(max_size=60),
     last_ts=st.floats(allow_nan=False, allow_infinity=False),
+    recent_ids=st.lists(st.integers(0, 2**64 - 1), max_size=40).map(tuple) | st.just(()),
 )
 
 
@@ -78,6 +96,23 @@ def v1_bytes(r: UserRecord, window: tuple[str, ...]) -> bytes:
                     float(r.last_ts), len(window), 0),
         string(r.user), string(r.model_version), string(r.event_id) if r.event_id is not None else b"",
         struct.pack(f"<{len(raws)}H", *map(len, raws)), b"".join(raws),
+        struct.pack("<I", len(r.state)), r.state,
+    ])
+    return body + struct.pack("<I", crc32c(body))
+
+
+def v2_bytes(r: UserRecord) -> bytes:
+    """``r`` in format 2 (format 3 without the recent set: the header's n_recent was a reserved
+    0), as the code before format 3 wrote it; the decoder must still read such records."""
+    def string(x: str) -> bytes:
+        raw = x.encode("utf-8")
+        return struct.pack("<H", len(raw)) + raw
+
+    body = b"".join([
+        struct.pack("<4sBBIqqdHHII", MAGIC, 2, 1 if r.event_id is not None else 0, r.partition, r.offset, r.events,
+                    float(r.last_ts), len(r.window), 0, r.vocab_size, r.vocab_crc),
+        string(r.user), string(r.model_version), string(r.event_id) if r.event_id is not None else b"",
+        struct.pack(f"<{len(r.window)}I", *r.window),
         struct.pack("<I", len(r.state)), r.state,
     ])
     return body + struct.pack("<I", crc32c(body))
@@ -105,23 +140,69 @@ def test_record_is_compact_and_normalises_its_fields():
     assert a.window == (4, 2) and type(a.window[0]) is int and UserRecord.from_bytes(a.to_bytes()) == a
     # fixed overhead is small next to a 17 KB state
     assert len(r.to_bytes()) - 17_000 < 100
+    # the recent set costs 8 bytes an event id: 256 bytes for the default 32
+    ids = tuple(event_id_hash(f"ev-{i}") for i in range(32))
+    assert len(dataclasses.replace(r, recent_ids=ids).to_bytes()) - len(r.to_bytes()) == 256
+    assert dataclasses.replace(r, recent_ids=list(ids)).recent_ids == ids  # any sequence, stored as a tuple
+
+
+def test_event_id_hash_is_stable_8_byte_blake2b():
+    import hashlib
+
+    assert event_id_hash("e1") == int.from_bytes(hashlib.blake2b(b"e1", digest_size=8).digest(), "little")
+    assert event_id_hash("e1") == 0x040F4FF5515E5D1B  # pinned: stored in records, never to change
+    assert event_id_hash("é") == event_id_hash("\u00e9") != event_id_hash("e")
+    assert 0 <= event_id_hash("\ud800") < 2**64  # a lone surrogate (JSON allows it) hashes too
+
+
+def test_the_recent_set_is_checked():
+    with pytest.raises(RecordError, match="recent set of 65536"):
+        rec(recent_ids=(1,) * 65536)
+    for bad in ((-1,), (2**64,), ("x",)):
+        with pytest.raises(RecordError, match="u64"):
+            rec(recent_ids=bad).to_bytes()
+    # More ids announced than the bytes hold: a truncation, whatever the crc says.
+    body = bytearray(rec(recent_ids=(7, 8)).to_bytes()[:-4])
+    body[36:38] = struct.pack("<H", 3)
+    with pytest.raises(RecordError, match="truncated"):
+        UserRecord.from_bytes(bytes(body) + struct.pack("<I", crc32c(bytes(body))))
+
+
+@given(records, st.data())
+@hsettings(max_examples=150, deadline=None)
+def test_a_format_2_record_reads_back_with_an_empty_recent_set(r: UserRecord, data):
+    blob = v2_bytes(r)
+    back = UserRecord.from_bytes(blob)
+    assert back == dataclasses.replace(r, recent_ids=()) and back.recent_ids == ()
+    assert back.to_bytes() == blob  # passed on as read; a batch rewrites it in format 3
+    assert dataclasses.replace(back).to_bytes()[4] == FORMAT_VERSION
+    # Format 2's reserved field (format 3's n_recent) must be 0: with a valid crc, still an error.
+    body = bytearray(blob[:-4])
+    body[36:38] = struct.pack("<H", data.draw(st.integers(1, 0xFFFF)))
+    with pytest.raises(RecordError, match="reserved"):
+        UserRecord.from_bytes(bytes(body) + struct.pack("<I", crc32c(bytes(body))))
+    # Malformed format-2 bytes are record errors too.
+    assert_damage_is_a_record_error(blob, data)
+
+
+def assert_damage_is_a_record_error(blob: bytes, data) -> None:
+    """Any truncation and any flipped byte of ``blob`` (drawn from ``data``) is a RecordError."""
+    cut = data.draw(st.integers(0, len(blob) - 1))
+    with pytest.raises(RecordError):
+        UserRecord.from_bytes(blob[:cut])
+    flipped = bytearray(blob)
+    flipped[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
+    with pytest.raises(RecordError):
+        UserRecord.from_bytes(bytes(flipped))
 
 
 @given(records, st.data())
 @hsettings(max_examples=100, deadline=None)
 def test_record_every_truncation_and_any_flipped_byte_is_a_record_error(r: UserRecord, data):
-    blob = r.to_bytes()
-    cut = data.draw(st.integers(0, len(blob) - 1))
-    with pytest.raises(RecordError):
-        UserRecord.from_bytes(blob[:cut])
-    pos = data.draw(st.integers(0, len(blob) - 1))
-    flipped = bytearray(blob)
-    flipped[pos] ^= data.draw(st.integers(1, 255))
-    with pytest.raises(RecordError):
-        UserRecord.from_bytes(bytes(flipped))
+    assert_damage_is_a_record_error(r.to_bytes(), data)
 
 
-@given(st.binary(max_size=200), st.sampled_from([1, FORMAT_VERSION]))
+@given(st.binary(max_size=200), st.sampled_from([1, 2, FORMAT_VERSION]))
 @hsettings(max_examples=300, deadline=None)
 def test_record_garbage_raises_only_record_error(blob: bytes, version: int):
     with pytest.raises(RecordError):
@@ -137,17 +218,11 @@ def test_a_format_1_record_reads_back_with_its_window_of_external_ids(rw, data):
     assert back.legacy_window == window and back.window == () and (back.vocab_size, back.vocab_crc) == (0, 0)
     assert (back.user, back.state, back.offset, back.events, back.event_id) == (r.user, r.state, r.offset, r.events,
                                                                                 r.event_id)
-    assert back.to_bytes() == blob  # passed on as read; a batch rewrites it in format 2
+    assert back.to_bytes() == blob  # passed on as read; a batch rewrites it in the newest format
     with pytest.raises(RecordError, match="format-1 window"):
         dataclasses.replace(back)._encode()
     # Malformed format-1 bytes are record errors too.
-    cut = data.draw(st.integers(0, len(blob) - 1))
-    with pytest.raises(RecordError):
-        UserRecord.from_bytes(blob[:cut])
-    flipped = bytearray(blob)
-    flipped[data.draw(st.integers(0, len(blob) - 1))] ^= data.draw(st.integers(1, 255))
-    with pytest.raises(RecordError):
-        UserRecord.from_bytes(bytes(flipped))
+    assert_damage_is_a_record_error(blob, data)
 
 
 def test_window_ids_outside_the_records_vocabulary_are_record_errors():
@@ -409,15 +484,20 @@ def test_restore_keeps_each_users_newest_record(changelog: Changelog, tmp_path: 
         newest.update({r.user: r for r in batch})
     # a stale record published late (e.g. a zombie worker) must not win over a newer offset
     changelog.publish([rec("user-4", 3, part["user-4"], state=b"stale")])
+    # user-5's events also went to another partition (another producer's partitioner): the
+    # record of its later event wins, on a lower partition and offset, read first or last.
+    moved = rec("user-5", 1, 0, state=b"on partition 0, later", last_ts=1.8e9, events=9)
+    changelog.publish([moved])
+    newest["user-5"] = moved
 
     with StateStore(tmp_path / "all") as s:
         counts = changelog.restore(s, [0, 1, 2], timeout_s=30)
-        assert counts == {0: 10, 1: 10, 2: 10}
+        assert counts == {0: 11, 1: 10, 2: 9}  # user-5 counted once, under the partition that won
         assert {r.user: r for r in s.records()} == newest
         assert s.partitions() == {}  # next offsets are the worker's decision
 
     with StateStore(tmp_path / "some") as s:
-        assert changelog.restore(s, [0, 2], timeout_s=30) == {0: 10, 2: 10}
+        assert changelog.restore(s, [0, 2], timeout_s=30) == {0: 11, 2: 9}
         assert {r.user for r in s.records()} == {u for u in users if part[u] in (0, 2)}
         assert all(s.get(u) == newest[u] for u in users if part[u] in (0, 2))
 
@@ -426,7 +506,7 @@ def test_restore_keeps_each_users_newest_record(changelog: Changelog, tmp_path: 
         behind = rec("user-3", 1, 0, state=b"local and older")
         s.commit([ahead, behind], {0: 10_001})
         counts = changelog.restore(s, [0], timeout_s=30)
-        assert counts == {0: 9}  # user-0's local record is newer than anything published
+        assert counts == {0: 10}  # user-0's local record is newer than anything published
         assert s.get("user-0") == ahead and s.get("user-3") == newest["user-3"]
         assert s.partitions() == {0: 10_001}
 

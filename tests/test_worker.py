@@ -52,11 +52,16 @@ BOTH_ENGINES = pytest.mark.parametrize("stream", WORKER_ENGINES, indirect=True)
 
 @pytest.fixture
 def stream(broker: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Stream:
+    return make_stream(broker.bootstrap_servers, tmp_path, getattr(request, "param", "kafka-python"))
+
+
+def make_stream(bootstrap_servers: str, tmp_path: Path, engine: str, extra_env: dict[str, str] | None = None) -> Stream:
+    """Private topics on ``bootstrap_servers`` and a small model, for one test."""
     tag = uuid.uuid4().hex[:8]
     env = {
-        **private_env("w", tag), "LINREC_WORKER_ENGINE": getattr(request, "param", "kafka-python"),
+        **private_env("w", tag), "LINREC_WORKER_ENGINE": engine,
         "LINREC_INTERACTIONS_PARTITIONS": str(PARTITIONS), "LINREC_METRICS_PORT": "0",
-        "LINREC_SUMMARY_EVERY_S": "1", "LINREC_BOOTSTRAP_SERVERS": broker.bootstrap_servers,
+        "LINREC_SUMMARY_EVERY_S": "1", "LINREC_BOOTSTRAP_SERVERS": bootstrap_servers, **(extra_env or {}),
     }
     settings = Settings.load(env={**os.environ, **env})
     create_topics(settings)
@@ -269,3 +274,56 @@ def test_decaying_states_stream_exactly_like_the_parallel_form(stream: Stream, t
     produce(stream, events=6_000, users=120, seed=6)
     wait(start_worker(stream, tmp_path / "state"))
     check_outcome(stream, stored_records(tmp_path / "state"))
+
+
+def test_a_busy_worker_rides_out_a_broker_outage(tmp_path: Path):
+    # Its own broker, stopped for longer than the clients' 30 s request timeout while the worker
+    # is in the middle of a backlog, then started again on the same files.
+    from tests.conftest import free_port, run_cli
+
+    port, cport = free_port(), free_port()
+    own = {"LINREC_KAFKA_PORT": str(port), "LINREC_KAFKA_CONTROLLER_PORT": str(cport),
+           "LINREC_RUNTIME_DIR": str(tmp_path / "runtime")}
+    started = run_cli("kafka", "start", env={**own, "LINREC_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"})
+    assert started.returncode == 0, started.stderr
+    try:
+        stream = make_stream(f"127.0.0.1:{port}", tmp_path, "kafka-python", own)
+        produce(stream, events=20_000, users=500, seed=8)
+        log = tmp_path / "worker.log"
+        proc = start_worker(stream, tmp_path / "state", idle_exit=55, batch_size=64, log_path=log)
+        deadline = time.monotonic() + 120
+        while not re.search(r"totals: [1-9]", log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert run_cli("kafka", "stop", env=stream.env).returncode == 0
+        time.sleep(35)
+        assert proc.poll() is None, "the worker died during the outage:\n" + log.read_text()[-3000:]
+        assert run_cli("kafka", "start", env=stream.env).returncode == 0
+        produce(stream, events=2_000, users=500, seed=9)  # and the stream goes on
+        wait(proc, timeout=300)
+        text = log.read_text()
+        # A step that failed while the broker was down says so, and says when it came back
+        # (kafka-python may also just block until it reconnects: no line then).
+        assert text.count("Kafka unreachable during") == text.count("Kafka reachable again after")
+        check_outcome(stream, stored_records(tmp_path / "state"))
+    finally:
+        run_cli("kafka", "stop", env={**own, "LINREC_BOOTSTRAP_SERVERS": f"127.0.0.1:{port}"})
+
+
+def test_a_damaged_store_is_moved_aside_and_restored_from_the_changelog(stream: Stream, tmp_path: Path):
+    from tests.conftest import run_cli
+
+    produce(stream, events=6_000, users=300, seed=10)
+    state = tmp_path / "state"
+    wait(start_worker(stream, state))
+    (state / "CURRENT").write_text("garbage")  # a torn write of RocksDB's pointer to its manifest
+    refused = run_cli("worker", "--model", str(stream.model_dir), "--state-dir", str(state), "--idle-exit", "1",
+                      "--refuse-damaged-store", env=stream.env)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    assert [line for line in refused.stderr.splitlines() if "error:" in line] == \
+        [line for line in refused.stderr.splitlines() if "unreadable" in line], refused.stderr
+    produce(stream, events=2_000, users=300, seed=11)
+    wait(start_worker(stream, state, log_path=tmp_path / "again.log"))
+    text = (tmp_path / "again.log").read_text()
+    assert "unreadable" in text and "moved to" in text and "restored" in text
+    assert list(tmp_path.glob("state.damaged-*")), "the damaged store is kept beside the new one"
+    check_outcome(stream, stored_records(state))

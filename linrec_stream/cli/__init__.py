@@ -75,9 +75,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # argparse's own exit (--help): nothing to report. Caught before the next clause, whose
         # expression would import the modules of every runtime error (torch among them).
         raise
+    except _wrong_paths() as exc:  # a path or data set that does not exist: a wrong argument
+        _fail(str(exc))
+        return 2
     except _expected_runtime_errors() as exc:
         # Our own errors read as sentences; a library's keeps its type name for context.
-        own = isinstance(exc, (FileNotFoundError, ValueError)) or type(exc).__name__ == "AnnounceError"
+        own = isinstance(exc, (FileNotFoundError, ValueError)) or type(exc).__name__ in ("AnnounceError",
+                                                                                          "StateStoreError",
+                                                                                          "StateStoreDamaged")
         _fail(str(exc) if own else f"{type(exc).__name__}: {exc}")
         return 1
 
@@ -88,11 +93,20 @@ def _fail(message: str, detail: str = "") -> None:
         print("--- last lines of the log ---\n" + detail, file=sys.stderr)
 
 
+def _wrong_paths() -> tuple[type[BaseException], ...]:
+    from linrec_stream.data import MissingDataError
+
+    return (FileNotFoundError, NotADirectoryError, IsADirectoryError, MissingDataError)
+
+
 def _expected_runtime_errors() -> tuple[type[BaseException], ...]:
     from kafka.errors import KafkaError
 
     from linrec_stream.data import DataError
     from linrec_stream.lifecycle.announce import AnnounceError
 
-    # An unreachable or failing broker, a file that cannot be read, bad data: one line, no traceback.
-    return (KafkaError, OSError, DataError, ValueError, AnnounceError)
+    from state.store import StateStoreError
+
+    # An unreachable or failing broker, a file that cannot be read, bad data, a state store that
+    # cannot be used: one line, no traceback.
+    return (KafkaError, OSError, DataError, ValueError, AnnounceError, StateStoreError)

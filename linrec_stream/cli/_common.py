@@ -75,7 +75,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         if not sep or not name:
             raise SettingsError(f"--set {item!r}: expected NAME=VALUE")
         overrides[name.strip().replace("-", "_")] = value
-    if args.bootstrap_servers:
+    if args.bootstrap_servers is not None:  # "" too: refused by the setting's check
         overrides["bootstrap_servers"] = args.bootstrap_servers
     return Settings.load(config_file=args.config, overrides=overrides)
 

@@ -38,6 +38,9 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
                       args.from_ts, args.to_ts)
     summary = replay(plan, settings.bootstrap_servers, progress=not args.no_progress,
                      skip_malformed=args.skip_malformed)
+    if summary.sent == 0 and not summary.interrupted:
+        window = " in the --from-ts/--to-ts range" if args.from_ts is not None or args.to_ts is not None else ""
+        raise UsageError(f"nothing to replay: {path} holds no events{window}")
     print(summary.describe() + f" -> {plan.topic}")
     # 130, as for Ctrl-C anywhere else: the replay stopped early (what was sent is reported).
     return 130 if summary.interrupted else 0

@@ -26,6 +26,9 @@ def register(subparsers: Subparsers, common: argparse.ArgumentParser) -> None:
     worker.add_argument("--batch-ms", type=int, help="longest wait to fill a micro-batch (setting batch_ms)")
     add_device_option(worker)
     worker.add_argument("--state-dir", type=Path, metavar="DIR", help="rocksdict user-state store (setting state_dir)")
+    worker.add_argument("--refuse-damaged-store", action="store_true",
+                        help="stop if the state store is unreadable (default: move it aside and restore the "
+                             "states from the changelog)")
     worker.add_argument("--idle-exit", type=float, metavar="S", help="exit after S seconds without events")
     worker.set_defaults(func=_worker)
 
@@ -49,7 +52,8 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     if args.model is not None:
         require_model_dir(args.model)
     options = WorkerOptions(args.model, settings.path(args.state_dir or settings.state_dir), settings.batch_size,
-                            settings.batch_ms, str(device(settings, args)), swap_batch=args.swap_batch)
+                            settings.batch_ms, str(device(settings, args)), swap_batch=args.swap_batch,
+                            on_store_damage="refuse" if args.refuse_damaged_store else "move-aside")
     stop = threading.Event()
     on_stop_signals(lambda *_: stop.set())
     StreamWorker(settings, options).run(stop, idle_exit_s=args.idle_exit)

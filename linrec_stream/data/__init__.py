@@ -7,11 +7,11 @@ leave-one-out split.
 """
 
 from .fetch import DATASETS, DatasetSpec, dataset_path, fetch_dataset, resolve_data
-from .readers import DataError, Interactions, read_interactions
+from .readers import DataError, Interactions, MissingDataError, read_interactions
 from .sequences import PAD, LeaveOneOut, SequenceData, build_sequences, leave_one_out
 
 __all__ = [
-    "DATASETS", "DataError", "DatasetSpec", "Interactions", "LeaveOneOut", "PAD", "SequenceData",
+    "DATASETS", "DataError", "DatasetSpec", "Interactions", "MissingDataError", "LeaveOneOut", "PAD", "SequenceData",
     "build_sequences", "dataset_path", "fetch_dataset", "leave_one_out", "read_interactions",
     "resolve_data",
 ]

