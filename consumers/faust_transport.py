@@ -138,6 +138,11 @@ class FaustEngine:
     ``max_poll_records``: the agent's batches; the hand-off to the worker holds four of them."""
 
     def __init__(self, settings: Settings, max_poll_records: int) -> None:
+        if settings.isolation_level == "read_committed":
+            # faust-streaming 0.15 gives aiokafka read_committed only with its own exactly_once
+            # guarantee (transactions, which this engine does not use: module docstring).
+            log.warning("worker: the faust engine reads uncommitted data: events of aborted transactions are "
+                        "applied (isolation_level=read_committed holds on the kafka-python engine only)")
         self.settings = settings
         self.topic = settings.topic_interactions
         self.max_poll_records = max_poll_records
@@ -343,6 +348,8 @@ class _FaustThread:
 def _build_app(engine: FaustEngine) -> Any:
     import faust
 
+    from consumers.transport import codec_arg
+
     s = engine.settings
     app = faust.App(
         s.worker_group,  # the app id is the consumer group
@@ -355,6 +362,7 @@ def _build_app(engine: FaustEngine) -> Any:
         broker_session_timeout=s.session_timeout_ms / 1000,
         broker_heartbeat_interval=max(1.0, s.session_timeout_ms / 3000),
         producer_linger_ms=5,  # as on kafka-python: nobody waits for one batch's sends
+        producer_compression_type=codec_arg(s.compression_type),
         loop=asyncio.get_event_loop(),
     )
     topic = app.topic(s.topic_interactions, key_type=bytes, value_type=bytes, key_serializer="raw",

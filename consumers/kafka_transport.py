@@ -9,8 +9,10 @@ import time
 from collections.abc import Mapping
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import UnsupportedCodecError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
+from consumers.transport import codec_arg
 from linrec_stream.contracts.model_updates import Announcement
 from linrec_stream.settings import Settings
 
@@ -34,7 +36,8 @@ class KafkaSender:
 
     def __init__(self, settings: Settings) -> None:
         self._producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
-                                       batch_size=1024 * 1024, max_in_flight_requests_per_connection=5)
+                                       batch_size=1024 * 1024, max_in_flight_requests_per_connection=5,
+                                       compression_type=codec_arg(settings.compression_type))
         self._sent: list[tuple[object, tuple]] = []  # (future, send arguments) since the last flush
 
     def send(self, topic: str, value: bytes | None = None, key: bytes | None = None, headers=None) -> None:
@@ -74,6 +77,7 @@ class KafkaGroupConsumer:
         consumer = KafkaConsumer(
             bootstrap_servers=s.bootstrap_servers, group_id=s.worker_group,
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self.max_poll_records,
+            isolation_level=s.isolation_level,
             client_id=f"linrec-worker-{id(self):x}", session_timeout_ms=s.session_timeout_ms,
             heartbeat_interval_ms=max(1000, s.session_timeout_ms // 3),
         )
@@ -86,7 +90,12 @@ class KafkaGroupConsumer:
             self._pending |= set(partitions)
 
     def poll(self, timeout_ms: int, max_records: int) -> list:
-        polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        try:
+            polled = self._consumer.poll(timeout_ms=timeout_ms, max_records=max_records)
+        except UnsupportedCodecError as exc:  # a codec library missing from this installation
+            raise UnsupportedCodecError(
+                f"{self.topic} holds batches this installation cannot decompress ({exc}); install the codec "
+                "libraries: pip install 'kafka-python[lz4,snappy,zstd]'") from None
         return [r for records in polled.values() for r in records]
 
     def assigned(self) -> set[int]:

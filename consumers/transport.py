@@ -14,6 +14,12 @@ from typing import Any, Protocol, Sequence
 from linrec_stream.contracts.model_updates import Announcement
 
 
+def codec_arg(codec: str) -> str | None:
+    """A ``compression_type`` setting as the clients take it (kafka-python's and aiokafka's
+    ``compression_type``): None for "none"."""
+    return None if codec == "none" else codec
+
+
 class InputRecord(Protocol):
     """One consumed interactions message (kafka-python's and aiokafka's ConsumerRecord fit)."""
 

@@ -51,7 +51,7 @@ from consumers.metrics import WorkerMetrics
 from consumers.outage import OutageGuard
 from consumers.serving import ServingModel
 from consumers.swap import ModelSwaps, registry_vocabs
-from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource
+from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource, codec_arg
 from linrec_stream.contracts.events import Interaction, Limits, Rejected, Source, parse_event
 from linrec_stream.lifecycle.registry import ModelRegistry, RegistryError
 from linrec_stream.settings import Settings
@@ -132,7 +132,8 @@ def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
         built.callback(store.close)
         if damage:
             log.warning("worker: %s", damage)
-        changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog)
+        changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog,
+                              compression_type=codec_arg(settings.changelog_compression_type))
         built.callback(changelog.close)
         changelog.ensure_topic(settings.interactions_partitions)
         consumer, producer = _transport(settings, options)

@@ -86,6 +86,18 @@ def _check_dedup_event_ids(value: int) -> None:
 
 
 WORKER_ENGINES = ("kafka-python", "faust")
+ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
+CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
+
+
+def _check_codec(value: str) -> None:
+    if value not in CODECS:
+        raise ValueError(f"one of {', '.join(CODECS)}, got {value!r}")
+
+
+def _check_isolation(value: str) -> None:
+    if value not in ISOLATION_LEVELS:
+        raise ValueError(f"one of {', '.join(ISOLATION_LEVELS)}, got {value!r}")
 
 
 def _check_engine(value: str) -> None:
@@ -114,6 +126,16 @@ class Settings:
     )
     runtime_dir: Path = _setting(Path(".runtime"), "project-local runtime files: broker data, logs, pid")
     # --- topics -----------------------------------------------------------------------
+    # Measured in BENCHMARKS.md ("Compression of the worker's own messages"): zstd makes a
+    # recommendation 5x smaller for ~2 us; a state (float32) shrinks 9% for ~70 us: not worth it.
+    compression_type: str = _setting(
+        "zstd", "codec of the recommendations and dead letters the worker sends (none, gzip, snappy, lz4, zstd)",
+        _check_codec)
+    changelog_compression_type: str = _setting(
+        "none", "codec of the state changelog records (float states barely compress)", _check_codec)
+    isolation_level: str = _setting(
+        "read_committed", "what the worker, the archive and `recs tail` read of transactional producers: "
+        "read_committed skips events of aborted transactions", _check_isolation)
     topic_interactions: str = _setting("interactions", "input events, keyed by user", _check_topic)
     topic_recommendations: str = _setting("recommendations", "refreshed top-K per user", _check_topic)
     topic_dead_letter: str = _setting("interactions-dlq", "malformed input with the reason", _check_topic)

@@ -68,9 +68,11 @@ class Changelog:
     without a group (it assigns partitions, nothing is committed).
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, request_timeout_s: float = 30.0) -> None:
+    def __init__(self, bootstrap_servers: str, topic: str, *, request_timeout_s: float = 30.0,
+                 compression_type: str | None = None) -> None:
         self.bootstrap_servers = bootstrap_servers
         self.topic = topic
+        self.compression_type = compression_type  # kafka-python's: None, "gzip", "snappy", "lz4", "zstd"
         self.request_timeout_s = request_timeout_s
         self._producer = None
 
@@ -162,6 +164,7 @@ class Changelog:
                 # fewer, fuller batches spare kafka-python's IO-thread wake-ups (its main cost).
                 linger_ms=100,
                 request_timeout_ms=int(self.request_timeout_s * 1000),
+                compression_type=self.compression_type,
             )
         return self._producer
 

@@ -36,8 +36,9 @@ ts = st.floats(allow_nan=True) | st.integers() | st.just(1.0e9) | st.text(max_si
 @st.composite
 def messages(draw) -> tuple[bytes | None, bytes | None]:
     """(key, value) of one record: a valid event, an event-shaped object with any field values,
-    any JSON value, or any bytes; with the user's key, any key or none."""
-    kind = draw(st.sampled_from(["valid", "shaped", "json", "bytes"]))
+    any JSON value, JSON text with duplicate keys, deep nesting or huge numbers, or any bytes;
+    with the user's key, any key or none. (The worker reads no record headers.)"""
+    kind = draw(st.sampled_from(["valid", "shaped", "json", "bytes", "text"]))
     user = draw(st.sampled_from(USERS))
     if kind == "valid":
         item = draw(st.integers(1, NUM_ITEMS + 3))  # a few unknown items too
@@ -51,6 +52,18 @@ def messages(draw) -> tuple[bytes | None, bytes | None]:
         key = user.encode()
     elif kind == "json":
         value, key = json.dumps(draw(json_values), allow_nan=True).encode(), user.encode()
+    elif kind == "text":  # JSON text json.dumps never writes: duplicate keys, deep nesting, huge numbers
+        depth = draw(st.integers(1, 2500))
+        value = draw(st.sampled_from([
+            f'{{"user": "{user}", "user": "other", "item": "item-1", "ts": 1e9}}',
+            f'{{"user": "{user}", "item": "item-1", "item": "item-2", "ts": 1e9, "ts": 2e9}}',
+            "[" * depth + "]" * depth,
+            f'{{"user": "{user}", "item": ' + "[" * depth + "]" * depth + ', "ts": 1e9}',
+            f'{{"user": "{user}", "item": "item-1", "ts": 1e400}}',
+            f'{{"user": "{user}", "item": "item-1", "ts": {"9" * draw(st.integers(1, 4000))}}}',
+            f'{{"user": "{user}", "item": "item-1", "ts": 1e9, "event_id": "{"x" * draw(st.integers(1, 300))}"}}',
+        ])).encode("utf-8", "surrogatepass")
+        key = user.encode()
     else:
         value, key = draw(st.binary(max_size=64)), draw(st.binary(max_size=8))
     key = draw(st.sampled_from([key, None, key])) if kind != "bytes" else key

@@ -327,3 +327,67 @@ def test_a_damaged_store_is_moved_aside_and_restored_from_the_changelog(stream: 
     assert "unreadable" in text and "moved to" in text and "restored" in text
     assert list(tmp_path.glob("state.damaged-*")), "the damaged store is kept beside the new one"
     check_outcome(stream, stored_records(state))
+
+
+def produce_with_librdkafka(stream: Stream, events: int, users: int, seed: int, codec: str) -> None:
+    """Valid events sent by librdkafka (confluent-kafka), ``compression.type`` = ``codec``, with its
+    own default partitioner (CRC32 of the key: consistent per user, not kafka-python's murmur2)."""
+    from confluent_kafka import Producer
+
+    rng = random.Random(seed)
+    producer = Producer({"bootstrap.servers": stream.settings.bootstrap_servers, "compression.type": codec,
+                         "linger.ms": 20})
+    delivered: list = []
+    t = 1_000_000_000.0 + seed * 1e6
+    for i in range(events):
+        user, item = f"user-{rng.randrange(users)}", rng.randrange(1, NUM_ITEMS + 1)
+        t += rng.random()
+        key, value = encode_event(user, f"item-{item}", t, event_id=f"{codec}-{seed}-{i}")
+        producer.produce(stream.settings.topic_interactions, key=key, value=value,
+                         on_delivery=lambda err, msg, what=(user, item): delivered.append((err, msg, what)))
+        producer.poll(0)
+    assert producer.flush(30) == 0
+    for err, msg, (user, item) in sorted(delivered, key=lambda d: (d[1].partition(), d[1].offset())):
+        assert err is None, err
+        stream.seqs.setdefault(user, []).append(item)
+        stream.last_offset[user] = (msg.partition(), msg.offset())
+
+
+@BOTH_ENGINES
+def test_events_compressed_with_every_codec_are_applied(stream: Stream, tmp_path: Path):
+    # The codecs a Java or librdkafka producer uses in production: one compressed producer used
+    # to stop the worker at its first poll, uncompressed events included.
+    for seed, codec in enumerate(("none", "gzip", "snappy", "lz4", "zstd")):
+        produce_with_librdkafka(stream, events=100, users=50, seed=20 + seed, codec=codec)
+    wait(start_worker(stream, tmp_path / "state", log_path=tmp_path / "worker.log"))
+    check_outcome(stream, stored_records(tmp_path / "state"))
+
+
+def test_events_of_an_aborted_transaction_are_never_applied(stream: Stream, tmp_path: Path):
+    # An upstream that produces transactionally (Kafka Streams, Flink): what it aborted never
+    # happened, and the worker reads committed data only (isolation_level, default read_committed).
+    from kafka import KafkaProducer
+
+    producer = KafkaProducer(bootstrap_servers=stream.settings.bootstrap_servers,
+                             transactional_id=f"upstream-{uuid.uuid4().hex[:6]}")
+    producer.init_transactions()
+    for committed, seed in ((False, 30), (True, 31)):
+        rng = random.Random(seed)
+        producer.begin_transaction()
+        sent = []
+        for i in range(100):
+            user, item = f"user-{rng.randrange(40)}", rng.randrange(1, NUM_ITEMS + 1)
+            key, value = encode_event(user, f"item-{item}", 1.1e9 + seed * 1e3 + i, event_id=f"t{seed}-{i}")
+            sent.append(((user, item), producer.send(stream.settings.topic_interactions, key=key, value=value)))
+        producer.flush()
+        if committed:
+            producer.commit_transaction()
+            for (user, item), fut in sent:
+                md = fut.get(timeout=10)
+                stream.seqs.setdefault(user, []).append(item)
+                stream.last_offset[user] = (md.partition, md.offset)
+        else:
+            producer.abort_transaction()
+    producer.close()
+    wait(start_worker(stream, tmp_path / "state"))
+    check_outcome(stream, stored_records(tmp_path / "state"))  # the 100 committed, none of the aborted

@@ -47,7 +47,7 @@ class RecommendationReader:
         self._consumer = KafkaConsumer(
             self.topic, bootstrap_servers=settings.bootstrap_servers,
             auto_offset_reset="earliest" if from_beginning else "latest",
-            enable_auto_commit=False, group_id=None,
+            enable_auto_commit=False, group_id=None, isolation_level=settings.isolation_level,
         )
 
     def poll(self, timeout_s: float = POLL_S) -> list[ReceivedRecommendation]:

@@ -103,6 +103,7 @@ def read_archive(settings: Settings, log: Log = print, progress: bool = False,
             client_id="linrec-archive", bootstrap_timeout_ms=int(bootstrap_timeout_s * 1000),
             fetch_max_bytes=FETCH_MAX_BYTES, max_partition_fetch_bytes=PARTITION_FETCH_BYTES,
             max_poll_records=POLL_RECORDS, receive_message_max_bytes=2 * FETCH_MAX_BYTES,
+            isolation_level=settings.isolation_level,  # never train on events of aborted transactions
         )
     except KafkaError as exc:
         raise ArchiveError(f"cannot reach the Kafka broker at {settings.bootstrap_servers}: {exc}") from None
