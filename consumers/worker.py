@@ -103,7 +103,7 @@ class WorkerParts:
                 log.warning("worker: error while closing: %s", exc)
 
 
-def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
+def build_parts(settings: Settings, options: WorkerOptions, stop: threading.Event | None = None) -> WorkerParts:
     """The parts of a real worker: kafka-python clients, the rocksdict store, the changelog, the
     model (``options.model_dir``, or the registry's version in force, followed for swaps)."""
     from consumers.kafka_transport import UpdateFollower
@@ -112,13 +112,17 @@ def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
         # Micro-batch tensors are small: one thread avoids OpenMP hand-offs that cost more
         # than the arithmetic, and leaves the other cores to Kafka I/O and other workers.
         torch.set_num_threads(settings.worker_threads)
+    metrics = WorkerMetrics()
+    # A worker started while the broker is down waits for it (``stop`` ends the wait).
+    connect = OutageGuard(metrics, stop).run
     with contextlib.ExitStack() as built:  # closes what was built if a later step fails
         registry = follower = None
         model_dir = options.model_dir
         if model_dir is None:
             registry = ModelRegistry(settings.path(settings.registry_dir))
             # Follow first, then read CURRENT: a promotion in between is seen, not missed.
-            follower = UpdateFollower(settings.bootstrap_servers, settings.topic_model_updates)
+            follower = connect(lambda: UpdateFollower(settings.bootstrap_servers, settings.topic_model_updates),
+                               "following the model updates")
             built.callback(follower.close)
             version = registry.current()
             if version is None:
@@ -135,10 +139,11 @@ def build_parts(settings: Settings, options: WorkerOptions) -> WorkerParts:
         changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog,
                               compression_type=codec_arg(settings.changelog_compression_type))
         built.callback(changelog.close)
-        changelog.ensure_topic(settings.interactions_partitions)
-        consumer, producer = _transport(settings, options)
+        connect(lambda: changelog.ensure_topic(settings.interactions_partitions), "checking the changelog topic")
+        consumer, producer = connect(lambda: _transport(settings, options), "joining the worker group")
         built.pop_all()
-    return WorkerParts(consumer, producer, store, changelog, serving, follower=follower, registry=registry)
+    return WorkerParts(consumer, producer, store, changelog, serving, metrics=metrics, follower=follower,
+                       registry=registry)
 
 
 def _transport(settings: Settings, options: WorkerOptions) -> tuple[GroupConsumer, Producer]:
@@ -164,10 +169,11 @@ class StreamWorker:
     ``StreamWorker(settings, options)`` builds the real parts (``build_parts``); pass ``parts``
     to run it on others."""
 
-    def __init__(self, settings: Settings, options: WorkerOptions, parts: WorkerParts | None = None) -> None:
+    def __init__(self, settings: Settings, options: WorkerOptions, parts: WorkerParts | None = None,
+                 stop: threading.Event | None = None) -> None:
         self.settings = settings
         self.options = options
-        self.parts = parts if parts is not None else build_parts(settings, options)
+        self.parts = parts if parts is not None else build_parts(settings, options, stop)
         p = self.parts
         self.consumer, self.store, self.changelog, self.metrics = p.consumer, p.store, p.changelog, p.metrics
         self.metrics.observe_model(p.serving.version)
@@ -249,7 +255,7 @@ class StreamWorker:
                     # (and the group's offsets show it) within one poll of the stream going quiet.
                     self._observe_commits(self.guard.run(
                         lambda: self.checkpoint.maybe_commit(self.consumer.assigned(), idle=True), "the idle commit"))
-                    self.consumer.rejoin_if_stuck()
+                    self.guard.run(self.consumer.rejoin_if_stuck, "rejoining the worker group")
                 if time.monotonic() - self._last_summary >= self.settings.summary_every_s:
                     self._log_summary()
         finally:

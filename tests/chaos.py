@@ -25,7 +25,6 @@ import argparse
 import os
 import platform
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -46,7 +45,7 @@ from state.changelog import Changelog
 from state.store import StateStore
 from tests.conftest import free_port
 from tests.helpers import read_topic
-from tests.test_worker import PARTITIONS, Stream, make_stream, produce, start_worker
+from tests.test_worker import PARTITIONS, Stream, make_stream, parallel_states, produce, start_worker
 
 MIN_FAULTS = 5
 EVENTS_PER_CHUNK = 2_000
@@ -447,22 +446,14 @@ class Soak:
             if (records[user].partition, records[user].offset) != stream.last_offset[user]:
                 r.position_wrong += 1
         model = stream.model
-        for start in range(0, len(users), 128):
-            chunk = users[start:start + 128]
-            n = max(len(stream.seqs[u]) for u in chunk)
-            seq = torch.zeros(len(chunk), n, dtype=torch.int64)
-            for i, u in enumerate(chunk):
-                seq[i, n - len(stream.seqs[u]):] = torch.tensor(stream.seqs[u])
-            with torch.no_grad():
-                _, expected = model.encode(seq)
-            for i, u in enumerate(chunk):
-                got = model.load_state_bytes(records[u].state)
-                good = int(got.num_events[0]) == len(stream.seqs[u]) and torch.allclose(
-                    got.S[0], expected[i].S[0], rtol=1e-4, atol=1e-5)
-                if not good:
-                    r.states_wrong += 1
-                    if len(r.examples) < 8:
-                        r.examples.append(f"{u}: stored state differs from model.encode of its {len(stream.seqs[u])} events")
+        for u, expected in parallel_states(model, stream.seqs, users):
+            got = model.load_state_bytes(records[u].state)
+            good = int(got.num_events[0]) == len(stream.seqs[u]) and torch.allclose(
+                got.S[0], expected.S[0], rtol=1e-4, atol=1e-5)
+            if not good:
+                r.states_wrong += 1
+                if len(r.examples) < 8:
+                    r.examples.append(f"{u}: stored state differs from model.encode of its {len(stream.seqs[u])} events")
 
         named: dict[str, set] = {}
         for m in read_topic(stream.settings, stream.settings.topic_recommendations):

@@ -78,7 +78,7 @@ def test_the_loop_waits_out_a_producer_that_fails_for_a_while(tmp_path: Path, mo
     import consumers.worker as worker_module
 
     monkeypatch.setattr(worker_module, "OutageGuard",
-                        lambda metrics: OutageGuard(metrics, first_backoff_s=0.01, max_backoff_s=0.02))
+                        lambda metrics, stop=None: OutageGuard(metrics, stop, first_backoff_s=0.01, max_backoff_s=0.02))
     log: dict[int, list[Message]] = {0: []}
     for k in range(12):
         key, value = encode_event(f"u{k % 4}", f"item-{k + 1}", 1e9 + k)
@@ -90,3 +90,31 @@ def test_the_loop_waits_out_a_producer_that_fails_for_a_while(tmp_path: Path, mo
     with StateStore(tmp_path / "state") as store:
         assert {r.user: r.events for r in store.records()} == {f"u{k}": 3 for k in range(4)}
         assert store.partitions() == {0: 12}
+
+
+def test_a_rejoin_during_an_outage_is_waited_out(tmp_path: Path, monkeypatch):
+    # Found by the chaos soak: a worker without partitions rebuilt its consumer while the broker
+    # was down, kafka-python could not bootstrap within 30 s, and the worker exited.
+    import consumers.worker as worker_module
+    import tests.test_worker_loop as loop_tests
+
+    monkeypatch.setattr(worker_module, "OutageGuard",
+                        lambda metrics, stop=None: OutageGuard(metrics, stop, first_backoff_s=0.01, max_backoff_s=0.02))
+
+    class RejoinsDuringAnOutage(loop_tests.FakeConsumer):
+        failures = 2
+
+        def rejoin_if_stuck(self) -> None:
+            if self.failures:
+                self.failures -= 1
+                raise KafkaTimeoutError("Unable to bootstrap from [('127.0.0.1', 9092)]")
+
+    monkeypatch.setattr(loop_tests, "FakeConsumer", RejoinsDuringAnOutage)
+    log: dict[int, list[Message]] = {0: []}
+    for k in range(6):
+        key, value = encode_event(f"u{k % 2}", f"item-{k + 1}", 1e9 + k)
+        log[0].append(Message(TOPIC, 0, k, 1_700_000_000_000, key, value))
+    run = run_worker(tmp_path / "state", log, {}, tiny_serving(0, NUM_ITEMS), batch_size=4)
+    assert run.consumer.failures == 0 and run.worker.guard.outages >= 1
+    with StateStore(tmp_path / "state") as store:
+        assert {r.user: r.events for r in store.records()} == {"u0": 3, "u1": 3}

@@ -127,6 +127,21 @@ def start_worker(stream: Stream, state_dir: Path, idle_exit: float | None = 6.0,
     return subprocess.Popen(args, env={**os.environ, **stream.env}, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
 
 
+def parallel_states(model: LinRecModel, seqs: dict[str, list[int]], users: list[str]):
+    """(user, state) for each of ``users``: the model's parallel encoding of the user's whole
+    sequence ``seqs[user]`` (model item ids), 128 users at a time."""
+    for start in range(0, len(users), 128):
+        chunk = users[start:start + 128]
+        n = max(len(seqs[u]) for u in chunk)
+        seq = torch.zeros(len(chunk), n, dtype=torch.int64)
+        for i, u in enumerate(chunk):
+            seq[i, n - len(seqs[u]):] = torch.tensor(seqs[u])
+        with torch.no_grad():
+            _, expected = model.encode(seq)
+        for i, u in enumerate(chunk):
+            yield u, expected[i]
+
+
 def check_outcome(stream: Stream, records: dict) -> None:
     """The three promises: exactly-once state, a recommendation naming each user's last event,
     every malformed message in the dead-letter topic with its reason."""
@@ -138,18 +153,10 @@ def check_outcome(stream: Stream, records: dict) -> None:
         assert rec.events == len(seq), f"{user}: {rec.events} events applied, log has {len(seq)}"
         assert (rec.partition, rec.offset) == stream.last_offset[user]
     # Each stored state equals the model's parallel encoding of the user's whole sequence.
-    for start in range(0, len(users), 128):
-        chunk = users[start:start + 128]
-        n = max(len(stream.seqs[u]) for u in chunk)
-        seq = torch.zeros(len(chunk), n, dtype=torch.int64)
-        for i, u in enumerate(chunk):
-            seq[i, n - len(stream.seqs[u]):] = torch.tensor(stream.seqs[u])
-        with torch.no_grad():
-            _, expected = model.encode(seq)
-        for i, u in enumerate(chunk):
-            got = model.load_state_bytes(records[u].state)
-            assert int(got.num_events[0]) == len(stream.seqs[u])
-            torch.testing.assert_close(got.S[0], expected[i].S[0], rtol=1e-4, atol=1e-5)
+    for u, expected in parallel_states(model, stream.seqs, users):
+        got = model.load_state_bytes(records[u].state)
+        assert int(got.num_events[0]) == len(stream.seqs[u])
+        torch.testing.assert_close(got.S[0], expected.S[0], rtol=1e-4, atol=1e-5)
 
     named = {}
     for r in read_topic(stream.settings, stream.settings.topic_recommendations):

@@ -56,5 +56,5 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
                             on_store_damage="refuse" if args.refuse_damaged_store else "move-aside")
     stop = threading.Event()
     on_stop_signals(lambda *_: stop.set())
-    StreamWorker(settings, options).run(stop, idle_exit_s=args.idle_exit)
+    StreamWorker(settings, options, stop=stop).run(stop, idle_exit_s=args.idle_exit)
     return 0
