@@ -49,3 +49,16 @@ def test_replay_of_an_empty_file_says_so(tmp_path):
     res = run_cli("replay", "--data", str(empty), "--no-progress")
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.strip() == f"linrec-stream: error: nothing to replay: {empty} holds no events"
+
+
+def test_a_wrong_state_dir_names_the_option(tmp_path):
+    from tests.helpers import tiny_serving, write_run
+
+    serving = tiny_serving(0, 10)
+    model = write_run(tmp_path / "model", serving.model, serving.vocab.items)
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    for state_dir, expected in ((a_file, "exists and is not a directory"), (a_file / "x", "cannot be created (File exists)")):
+        res = run_cli("worker", "--model", str(model), "--state-dir", str(state_dir), "--idle-exit", "1")
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert res.stderr.strip() == f"linrec-stream: error: --state-dir {state_dir}: {expected}"

@@ -51,10 +51,24 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--swap-batch must be >= 1")
     if args.model is not None:
         require_model_dir(args.model)
-    options = WorkerOptions(args.model, settings.path(args.state_dir or settings.state_dir), settings.batch_size,
+    state_dir = _state_dir(settings, args)
+    options = WorkerOptions(args.model, state_dir, settings.batch_size,
                             settings.batch_ms, str(device(settings, args)), swap_batch=args.swap_batch,
                             on_store_damage="refuse" if args.refuse_damaged_store else "move-aside")
     stop = threading.Event()
     on_stop_signals(lambda *_: stop.set())
     StreamWorker(settings, options, stop=stop).run(stop, idle_exit_s=args.idle_exit)
     return 0
+
+
+def _state_dir(settings: Settings, args: argparse.Namespace) -> Path:
+    """The state directory, checked: a wrong one is a one-line usage error naming where it came from."""
+    path = settings.path(args.state_dir or settings.state_dir)
+    what = "--state-dir" if args.state_dir else "setting state_dir"
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{what} {path}: exists and is not a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{what} {path}: cannot be created ({exc.strerror})") from None
+    return path
