@@ -14,14 +14,17 @@ This module is the loop; its parts are each in their own module:
 * consumers/batch.py: ``apply_batch``, the micro-batch as a pure function;
 * consumers/checkpoint.py: the commit protocol, the one way any state change is committed;
 * consumers/swap.py: the model served, hot swaps and the sweep that rebuilds stale states;
-* consumers/metrics.py: the Prometheus series and the summary line, fed each batch's result.
+* consumers/metrics.py: the Prometheus series and the summary line, fed each batch's result;
+* consumers/outage.py: the guard every Kafka step goes through, which waits out an outage.
 
 Per micro-batch (what the consumer holds, up to ``batch_size`` events; it does not wait for more):
 
 1. validate every message; malformed ones are routed to the dead-letter topic;
-2. ``apply_batch``: per user, the new events (those after the user's stored offset) applied in
-   one ``model.encode`` call from the stored (or staged) state; each touched user's newest
-   state scored;
+2. ``apply_batch``: per user, the new events (those after the user's stored offset, and not a
+   retry of a recent ``event_id``) applied in one ``model.encode`` (or ``model.step``) call from
+   the stored (or staged) state; each touched user's newest state scored. If it raises, the
+   batch is applied in halves down to the one message that raises, which is dead-lettered
+   (``internal``): no message stops the worker;
 3. ``Checkpoint.add``: recommendations and dead letters sent at once, the new records staged;
    ``Checkpoint.maybe_commit``: the store commit (states and offsets, one synced write batch)
    every ``checkpoint_ms``, the changelog commit (dirty users' records, then group offsets)
