@@ -37,7 +37,7 @@ from __future__ import annotations
 import time
 from collections import OrderedDict, deque
 from itertools import chain
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -76,11 +76,10 @@ class BatchResult:
         timings = dict(self.timings)
         for k, v in later.timings.items():
             timings[k] = timings.get(k, 0.0) + v
-        return BatchResult(list(records.values()), self.recommendations + later.recommendations,
-                           self.applied + later.applied, self.duplicates + later.duplicates,
-                           self.unknown_items + later.unknown_items, self.rebuilt + later.rebuilt,
-                           self.windows_dropped + later.windows_dropped, timings,
-                           duplicate_ids=self.duplicate_ids + later.duplicate_ids)
+        # Every counter (each int field, so a counter added later is summed too).
+        counts = {f.name: getattr(self, f.name) + getattr(later, f.name) for f in fields(self) if f.type == "int"}
+        return BatchResult(list(records.values()), self.recommendations + later.recommendations, timings=timings,
+                           **counts)
 
 
 @torch.inference_mode()

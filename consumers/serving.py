@@ -87,6 +87,14 @@ class ServingModel:
         return cls(model, vocab, model.version, model.init_state(1), storage_dtype(state_dtype), vocab_of,
                    dedup_event_ids)
 
+    def successor(self, model_dir: Path, device: torch.device | str, *,
+                  vocab_of: VocabLookup | None = None) -> "ServingModel":
+        """Another run directory's model, storing states as this one does (the same storage
+        dtype and event-id bound; ``vocab_of`` if given, else this one's): what a swap serves."""
+        return ServingModel.load(model_dir, device, state_dtype=self.state_dtype,
+                                 vocab_of=vocab_of if vocab_of is not None else self.vocab_of,
+                                 dedup_event_ids=self.dedup_event_ids)
+
     def ids(self, items: Iterable[str]) -> list[int]:
         """Model ids of the known items among ``items`` (unknown ones dropped)."""
         return self.vocab.ids(items)

@@ -106,9 +106,8 @@ class ModelSwaps:
         assert self.registry is not None
         t0 = time.monotonic()
         try:
-            new = ServingModel.load(self.registry.path(version), self.device, state_dtype=self.serving.state_dtype,
-                                    vocab_of=registry_vocabs(self.registry),
-                                    dedup_event_ids=self.serving.dedup_event_ids)
+            new = self.serving.successor(self.registry.path(version), self.device,
+                                         vocab_of=registry_vocabs(self.registry))
         except (OSError, ValueError) as exc:
             log.error("worker: cannot load announced model %s (%s); still serving %s", version[:12], exc,
                       self.serving.version[:12])
