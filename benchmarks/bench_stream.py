@@ -500,7 +500,7 @@ def _ml1m_rows(base: Settings, variant: str, attention: str, apply, root: Path, 
     model_dir = make_model(attention, _mkdir(root / "ml1m"), len(vocab), vocab)
 
     def play(s: Settings) -> int:
-        return replay(ReplayPlan(path, s.topic_interactions, limit=limit), s.bootstrap_servers, progress=False).sent
+        return replay(ReplayPlan(path, s.topic_interactions, limit=limit), s, progress=False).sent
 
     r = run_worker_case(base, model_dir, apply, [], None, root, None, replay_fn=play)
     shutil.rmtree(model_dir, ignore_errors=True)

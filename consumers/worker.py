@@ -55,7 +55,7 @@ from consumers.outage import OutageGuard
 from consumers.serving import ServingModel
 from consumers.swap import ModelSwaps, registry_vocabs
 from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource, codec_arg
-from linrec_stream.contracts.events import Interaction, Limits, Rejected, Source, parse_event
+from linrec_stream.contracts.events import Interaction, EventSchema, Rejected, Source, parse_event
 from linrec_stream.lifecycle.registry import ModelRegistry, RegistryError
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
@@ -180,7 +180,7 @@ class StreamWorker:
         p = self.parts
         self.consumer, self.store, self.changelog, self.metrics = p.consumer, p.store, p.changelog, p.metrics
         self.metrics.observe_model(p.serving.version)
-        self.limits = Limits(settings.max_event_bytes, settings.max_id_chars)
+        self.schema = EventSchema.from_settings(settings)
         self.checkpoint = Checkpoint(p.producer, p.changelog, p.store, p.consumer,
                                      recommendations_topic=settings.topic_recommendations,
                                      dead_letter_topic=settings.topic_dead_letter,
@@ -305,7 +305,7 @@ class StreamWorker:
         next_offsets: dict[int, int] = {}
         for r in records:
             src = Source(r.topic, r.partition, r.offset, r.timestamp)
-            parsed = parse_event(r.key, r.value, src, self.limits)
+            parsed = parse_event(r.key, r.value, src, self.schema)
             (events if isinstance(parsed, Interaction) else rejected).append(parsed)
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
         t_parsed = time.perf_counter()

@@ -96,7 +96,7 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         _, _, ts = ordered_events(ReplayPlan(path, qs.topic_interactions))
         cut = float(ts[int(len(ts) * opts.warm_fraction)])
         t_warm = time.monotonic()
-        warm = replay(ReplayPlan(path, qs.topic_interactions, to_ts=cut), qs.bootstrap_servers)
+        warm = replay(ReplayPlan(path, qs.topic_interactions, to_ts=cut), qs)
         log(f"[5/{steps}] warm-up: {warm.describe()}; waiting for the worker to apply them ...")
         _wait_caught_up(qs, worker, warm.sent, log)
         warm_s = time.monotonic() - t_warm
@@ -105,7 +105,7 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         log(f"[6/{steps}] live: replaying the rest at {opts.live_rate:,.0f} events/s; recommendations as they arrive:")
         watcher = _RecWatcher(qs, opts.show, log)
         watcher.start()
-        live = replay(ReplayPlan(path, qs.topic_interactions, rate=opts.live_rate, from_ts=cut), qs.bootstrap_servers,
+        live = replay(ReplayPlan(path, qs.topic_interactions, rate=opts.live_rate, from_ts=cut), qs,
                       progress=False)
         _wait_caught_up(qs, worker, warm.sent + live.sent, log)
         time.sleep(1.0)

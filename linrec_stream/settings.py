@@ -71,10 +71,6 @@ def _check_device(value: str) -> None:
 STATE_DTYPES = ("float32", "float16", "bfloat16")
 
 
-def _check_state_dtype(value: str) -> None:
-    if value not in STATE_DTYPES:
-        raise ValueError(f"one of {', '.join(STATE_DTYPES)}, got {value!r}")
-
 
 #: The most event ids a user record's recent set holds (its u16 count, state/record.py).
 MAX_DEDUP_EVENT_IDS = 0xFFFF
@@ -85,24 +81,29 @@ def _check_dedup_event_ids(value: int) -> None:
         raise ValueError(f"must be 0 (off) .. {MAX_DEDUP_EVENT_IDS}, got {value}")
 
 
+#: Where an event's time comes from (``event_time``; contracts/events.py says how each reads).
+EVENT_TIME_SOURCES = ("field", "field_or_record", "record")
+TIME_UNITS = ("s", "ms")
+
+
+def _one_of(*choices: str) -> Callable[[str], None]:
+    def check(value: str) -> None:
+        if value not in choices:
+            raise ValueError(f"one of {', '.join(choices)}, got {value!r}")
+    return check
+
+
+def _check_field_name(value: str) -> None:
+    if not value or value != value.strip():
+        raise ValueError(f"a JSON field name, not empty and without surrounding spaces, got {value!r}")
+
+
 WORKER_ENGINES = ("kafka-python", "faust")
 ISOLATION_LEVELS = ("read_committed", "read_uncommitted")
 CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
-def _check_codec(value: str) -> None:
-    if value not in CODECS:
-        raise ValueError(f"one of {', '.join(CODECS)}, got {value!r}")
 
-
-def _check_isolation(value: str) -> None:
-    if value not in ISOLATION_LEVELS:
-        raise ValueError(f"one of {', '.join(ISOLATION_LEVELS)}, got {value!r}")
-
-
-def _check_engine(value: str) -> None:
-    if value not in WORKER_ENGINES:
-        raise ValueError(f"one of {', '.join(WORKER_ENGINES)}, got {value!r}")
 
 
 def _setting(default: Any, doc: str, check: Callable[[Any], None] | None = None) -> Any:
@@ -130,12 +131,12 @@ class Settings:
     # recommendation 5x smaller for ~2 us; a state (float32) shrinks 9% for ~70 us: not worth it.
     compression_type: str = _setting(
         "zstd", "codec of the recommendations and dead letters the worker sends (none, gzip, snappy, lz4, zstd)",
-        _check_codec)
+        _one_of(*CODECS))
     changelog_compression_type: str = _setting(
-        "none", "codec of the state changelog records (float states barely compress)", _check_codec)
+        "none", "codec of the state changelog records (float states barely compress)", _one_of(*CODECS))
     isolation_level: str = _setting(
         "read_committed", "what the worker, the archive and `recs tail` read of transactional producers: "
-        "read_committed skips events of aborted transactions", _check_isolation)
+        "read_committed skips events of aborted transactions", _one_of(*ISOLATION_LEVELS))
     topic_interactions: str = _setting("interactions", "input events, keyed by user", _check_topic)
     topic_recommendations: str = _setting("recommendations", "refreshed top-K per user", _check_topic)
     topic_dead_letter: str = _setting("interactions-dlq", "malformed input with the reason", _check_topic)
@@ -162,15 +163,28 @@ class Settings:
     recent_window: int = _setting(200, "recent item ids kept per user (excluded from recommendations)", _check_positive)
     max_event_bytes: int = _setting(4096, "larger interaction messages go to the dead-letter topic", _check_positive)
     max_id_chars: int = _setting(256, "longest user or item id accepted", _check_positive)
+    # --- the interactions message contract (README "Message contract") ---------------------
+    field_user: str = _setting("user", "interactions: JSON field of the user id (the key must equal it)",
+                               _check_field_name)
+    field_item: str = _setting("item", "interactions: JSON field of the item id", _check_field_name)
+    field_ts: str = _setting("ts", "interactions: JSON field of the event time", _check_field_name)
+    field_event_id: str = _setting("event_id", "interactions: JSON field of the optional event id",
+                                   _check_field_name)
+    event_time: str = _setting(
+        "field", "interactions: where the event time comes from: field (required), field_or_record (the "
+        "Kafka record's timestamp when the field is absent) or record (always the record's)",
+        _one_of(*EVENT_TIME_SOURCES))
+    event_time_unit: str = _setting("s", "interactions: unit of the event-time field: s (epoch seconds) or ms",
+                                    _one_of(*TIME_UNITS))
     dedup_event_ids: int = _setting(
         32, "worker: event ids kept per user to skip an upstream retry (same event_id, new offset) as a duplicate; "
         "an id older than the last this many is applied again (0: off)", _check_dedup_event_ids)
     state_dtype: str = _setting(
         "float32", "worker: dtype user states are stored in (float32, float16, bfloat16; float16/bfloat16 halve the "
-        "state bytes at a small loss; the model computes in its own dtype)", _check_state_dtype)
+        "state bytes at a small loss; the model computes in its own dtype)", _one_of(*STATE_DTYPES))
     worker_engine: str = _setting(
         "kafka-python", "worker: Kafka client engine, kafka-python or faust (faust-streaming's app on aiokafka); "
-        "README \"Stream worker\" compares them", _check_engine)
+        "README \"Stream worker\" compares them", _one_of(*WORKER_ENGINES))
     worker_threads: int = _setting(1, "worker: torch CPU threads (small micro-batch tensors favour 1)", _check_positive)
     session_timeout_ms: int = _setting(
         10_000, "worker: consumer group session timeout; a crashed worker's partitions move after this", _check_positive
@@ -188,6 +202,10 @@ class Settings:
         # no Settings object holds a value that load() would have refused.
         for f in fields(self):
             object.__setattr__(self, f.name, _convert(f, getattr(self, f.name), f"setting {f.name}"))
+        names = [self.field_user, self.field_item, self.field_ts, self.field_event_id]
+        if len(set(names)) < len(names):
+            raise SettingsError(f"settings field_user, field_item, field_ts, field_event_id must name four "
+                                f"different fields, got {', '.join(names)}")
 
     # ---------------------------------------------------------------------------------
     @classmethod

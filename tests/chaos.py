@@ -39,7 +39,7 @@ from pathlib import Path
 import torch
 
 from linrec_stream.broker.broker import LocalBroker, _alive
-from linrec_stream.contracts.events import Interaction, Limits, Recommendation, Rejected, Source, encode_event, parse_event
+from linrec_stream.contracts.events import Interaction, EventSchema, Recommendation, Rejected, Source, encode_event, parse_event
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
 from state.store import StateStore
@@ -172,7 +172,7 @@ def produce_poison(stream: Stream, users: list[str]) -> Counter:
     from kafka import KafkaProducer
 
     s = stream.settings
-    limits = Limits(s.max_event_bytes, s.max_id_chars)
+    limits = EventSchema.from_settings(s)
     producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=10, max_request_size=1_048_576)
     sent = []
     for user in users:

@@ -4,14 +4,14 @@ import json
 
 import pytest
 
-from linrec_stream.contracts.events import Interaction, Limits, Recommendation, Rejected, Source, encode_event, parse_event
+from linrec_stream.contracts.events import Interaction, EventSchema, Recommendation, Rejected, Source, encode_event, parse_event
 
 SRC = Source("interactions", 2, 41, 1_700_000_000_000)
 NOW = 1_800_000_000.0
 
 
 def parse(value, key=b"alice"):
-    return parse_event(key, value, SRC, Limits(max_event_bytes=300, max_id_chars=20), now=NOW)
+    return parse_event(key, value, SRC, EventSchema(max_event_bytes=300, max_id_chars=20), now=NOW)
 
 
 def test_valid_event():
@@ -33,7 +33,8 @@ def test_valid_event():
     (b'{"user": "alice", "ts": 978300760}', "missing_field"),
     (b'{"item": "x", "ts": 978300760}', "missing_field"),
     (b'{"user": "alice", "item": "x"}', "missing_field"),
-    (b'{"user": "alice", "item": 7, "ts": 978300760}', "bad_type"),
+    (b'{"user": "alice", "item": 7.5, "ts": 978300760}', "bad_type"),
+    (b'{"user": "alice", "item": true, "ts": 978300760}', "bad_type"),
     (b'{"user": "alice", "item": "x", "ts": "978300760"}', "bad_type"),
     (b'{"user": "alice", "item": "x", "ts": true}', "bad_type"),
     (b'{"user": "alice", "item": "x", "ts": 978300760, "event_id": 3}', "bad_type"),
@@ -55,6 +56,55 @@ def test_malformed_events_are_rejected_with_their_reason(value, reason):
     headers = dict(out.headers())
     assert headers["dlq.reason"] == reason.encode() and headers["dlq.offset"] == b"41"
     assert headers["dlq.partition"] == b"2" and headers["dlq.detail"]
+
+
+def test_integer_ids_are_their_decimal_strings():
+    ev = parse(b'{"user": "alice", "item": 7, "ts": 978300760}')
+    assert isinstance(ev, Interaction) and ev.item == "7"
+    ev = parse(b'{"user": 42, "item": "x", "ts": 978300760}', key=b"42")
+    assert isinstance(ev, Interaction) and ev.user == "42"
+    assert parse(b'{"user": 42, "item": "x", "ts": 978300760}', key=b"042").reason == "key_mismatch"
+
+
+MAPPED = EventSchema(user="user_id", item="item_id", ts="timestamp", event_id="id", max_id_chars=20)
+
+
+def test_field_mapping_reads_other_names():
+    value = b'{"user_id": "alice", "item_id": 7, "timestamp": 978300760, "id": "e9"}'
+    assert parse_event(b"alice", value, SRC, MAPPED, now=NOW) == Interaction("alice", "7", 978300760.0, "e9", SRC)
+    # The default names mean nothing under the mapping: the mapped field is missing, by its name.
+    out = parse_event(b"alice", b'{"user": "alice", "item": "x", "ts": 978300760}', SRC, MAPPED, now=NOW)
+    assert out.reason == "missing_field" and "'user_id'" in out.detail
+    out = parse_event(b"alice", b'{"user_id": "bob", "item_id": "x", "timestamp": 978300760}', SRC, MAPPED, now=NOW)
+    assert out.reason == "key_mismatch" and "'user_id'" in out.detail
+    # encode_event writes the schema's names: what replay sends, the worker reads.
+    key, value = encode_event("alice", "x", 978300760.5, "e1", MAPPED)
+    assert set(json.loads(value)) == {"user_id", "item_id", "timestamp", "id"}
+    assert parse_event(key, value, SRC, MAPPED, now=NOW) == Interaction("alice", "x", 978300760.5, "e1", SRC)
+
+
+def test_event_time_in_milliseconds():
+    ms = EventSchema(ts_unit="ms")
+    key, value = encode_event("alice", "x", 978300760.5, schema=ms)
+    assert json.loads(value)["ts"] == 978300760500
+    assert parse_event(key, value, SRC, ms, now=NOW).ts == 978300760.5
+    # Seconds read as milliseconds land in 1970: refused, with the unit named.
+    out = parse_event(b"alice", b'{"user": "alice", "item": "x", "ts": 978300760}', SRC, ms, now=NOW)
+    assert out.reason == "bad_timestamp" and "milliseconds" in out.detail
+
+
+def test_event_time_from_the_record_timestamp():
+    no_ts = b'{"user": "alice", "item": "x"}'
+    with_ts = b'{"user": "alice", "item": "x", "ts": 978300760}'
+    either, record = EventSchema(event_time="field_or_record"), EventSchema(event_time="record")
+    assert parse_event(b"alice", no_ts, SRC, either, now=NOW).ts == SRC.kafka_ts_ms / 1000
+    assert parse_event(b"alice", with_ts, SRC, either, now=NOW).ts == 978300760.0
+    assert parse_event(b"alice", b'{"user": "alice", "item": "x", "ts": null}', SRC, either, now=NOW).ts == 1.7e9
+    assert parse_event(b"alice", with_ts, SRC, record, now=NOW).ts == SRC.kafka_ts_ms / 1000  # field ignored
+    assert parse_event(b"alice", no_ts, SRC, EventSchema(), now=NOW).reason == "missing_field"
+    no_record_ts = Source("interactions", 0, 1, -1)
+    out = parse_event(b"alice", no_ts, no_record_ts, record, now=NOW)
+    assert out.reason == "bad_timestamp" and "no timestamp" in out.detail
 
 
 def test_recommendation_message_format():

@@ -13,7 +13,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from consumers.batch import apply_batch
-from linrec_stream.contracts.events import REASONS, Interaction, Limits, Rejected, Source, encode_event, parse_event
+from linrec_stream.contracts.events import REASONS, Interaction, EventSchema, Rejected, Source, encode_event, parse_event
 from state.store import StateStore
 from tests.helpers import tiny_serving
 from tests.test_worker_loop import NUM_ITEMS, TOPIC, Message, run_worker, sent
@@ -82,7 +82,7 @@ def test_any_records_are_applied_or_dead_lettered_never_raised(records, batch_si
     # What the contract says of each record, and so what the worker must do with it.
     expected = Counter()
     valid = 0
-    limits = Limits()
+    limits = EventSchema()
     for p, msgs in log.items():
         for m in msgs:
             out = parse_event(m.key, m.value, Source(TOPIC, p, m.offset, m.timestamp), limits)

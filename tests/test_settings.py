@@ -46,6 +46,11 @@ def test_types_are_parsed():
         ({"LINREC_DEVICE": "tpu"}, "LINREC_DEVICE: one of auto, cpu, cuda"),
         ({"LINREC_STATE_DTYPE": "float8"}, "LINREC_STATE_DTYPE: one of float32, float16, bfloat16, got 'float8'"),
         ({"LINREC_NO_SUCH_THING": "1"}, "LINREC_NO_SUCH_THING: unknown setting"),
+        ({"LINREC_EVENT_TIME": "kafka"}, "LINREC_EVENT_TIME: one of field, field_or_record, record, got 'kafka'"),
+        ({"LINREC_EVENT_TIME_UNIT": "us"}, "LINREC_EVENT_TIME_UNIT: one of s, ms, got 'us'"),
+        ({"LINREC_FIELD_USER": " user"}, "LINREC_FIELD_USER: a JSON field name"),
+        ({"LINREC_FIELD_ITEM": "user"}, "settings field_user, field_item, field_ts, field_event_id must name four "
+                                        "different fields, got user, user, ts, event_id"),
     ],
 )
 def test_a_wrong_value_names_the_setting(env, message):

@@ -36,7 +36,7 @@ def _replay(settings: Settings, args: argparse.Namespace) -> int:
     path = resolve_data(args.data, settings.path(settings.data_dir), log=info)
     plan = ReplayPlan(path, args.topic or settings.topic_interactions, args.rate, args.speed, args.limit,
                       args.from_ts, args.to_ts)
-    summary = replay(plan, settings.bootstrap_servers, progress=not args.no_progress,
+    summary = replay(plan, settings, progress=not args.no_progress,
                      skip_malformed=args.skip_malformed)
     if summary.sent == 0 and not summary.interrupted:
         window = " in the --from-ts/--to-ts range" if args.from_ts is not None or args.to_ts is not None else ""

@@ -2,10 +2,19 @@
 
 interactions (key = user id, UTF-8), value JSON::
 
-    {"user": str, "item": str, "ts": number, "event_id": str (optional)}
+    {"user": str | int, "item": str | int, "ts": number, "event_id": str (optional)}
 
-``ts`` is the event time in **epoch seconds** (a float; milliseconds are rejected as out of
-range, so a producer that sends ms finds out at once rather than skewing latencies).
+The field names are the :class:`EventSchema`'s (settings ``field_user``, ``field_item``,
+``field_ts``, ``field_event_id``; the names above are the defaults), so a stream that says
+``user_id``, ``item_id`` and ``timestamp`` is read as it is. An integer id stands for its
+decimal string (``7`` and ``"7"`` are one item); the key is always that string in UTF-8.
+
+``ts`` is the event time in **epoch seconds** (``event_time_unit = "ms"`` reads milliseconds;
+a value outside 1990..now+1 day is rejected, so a producer that sends the other unit finds out
+at once rather than skewing latencies). ``event_time`` says where the time comes from:
+``field`` (the default: the field, required), ``field_or_record`` (the field when present,
+else the Kafka record's timestamp) or ``record`` (always the record's timestamp; the field, if
+any, is ignored).
 
 recommendations (key = user id), value JSON::
 
@@ -38,6 +47,8 @@ import math
 import time
 from dataclasses import dataclass
 from typing import Sequence
+
+from linrec_stream.settings import Settings
 
 FORMAT_VERSION = 1
 MIN_TS = 631_152_000.0  # 1990-01-01: anything earlier is not an interaction of this system
@@ -116,21 +127,36 @@ class Rejected:
 
 
 @dataclass(frozen=True)
-class Limits:
-    max_event_bytes: int = 4096
-    max_id_chars: int = 256
+class EventSchema:
+    """How an interactions message is read: its field names, where its event time comes from
+    and the size limits. The defaults are the settings' (one place: :class:`Settings`)."""
+
+    user: str = Settings.field_user
+    item: str = Settings.field_item
+    ts: str = Settings.field_ts
+    event_id: str = Settings.field_event_id
+    event_time: str = Settings.event_time  # one of EVENT_TIME_SOURCES
+    ts_unit: str = Settings.event_time_unit  # "s" or "ms"
+    max_event_bytes: int = Settings.max_event_bytes
+    max_id_chars: int = Settings.max_id_chars
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> EventSchema:
+        return cls(settings.field_user, settings.field_item, settings.field_ts, settings.field_event_id,
+                   settings.event_time, settings.event_time_unit, settings.max_event_bytes, settings.max_id_chars)
 
 
-def parse_event(key: bytes | None, value: bytes | None, source: Source, limits: Limits,
+def parse_event(key: bytes | None, value: bytes | None, source: Source, schema: EventSchema,
                 now: float | None = None) -> Interaction | Rejected:
-    """Validate one interactions message; never raises (anything unforeseen is ``internal``)."""
+    """Validate one interactions message; never raises (anything unforeseen is ``internal``).
+    ``now`` (epoch seconds, default the clock) bounds the event time from above."""
     try:
-        return _parse_event(key, value, source, limits, now)
+        return _parse_event(key, value, source, schema, now)
     except Exception as exc:  # total: one message never stops the worker
         return Rejected.internal(exc, key, value, source)
 
 
-def _parse_event(key: bytes | None, value: bytes | None, source: Source, limits: Limits,
+def _parse_event(key: bytes | None, value: bytes | None, source: Source, schema: EventSchema,
                  now: float | None) -> Interaction | Rejected:
     def reject(reason: str, detail: str) -> Rejected:
         return Rejected(reason, detail, key, value, source)
@@ -139,8 +165,8 @@ def _parse_event(key: bytes | None, value: bytes | None, source: Source, limits:
         return reject("missing_key", "the message has no key (the user id): its partition would not be its user's")
     if value is None:
         return reject("invalid_json", "empty message (null value)")
-    if len(value) > limits.max_event_bytes:
-        return reject("oversized", f"{len(value)} bytes > limit {limits.max_event_bytes}")
+    if len(value) > schema.max_event_bytes:
+        return reject("oversized", f"{len(value)} bytes > limit {schema.max_event_bytes}")
     try:
         text = value.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -151,42 +177,59 @@ def _parse_event(key: bytes | None, value: bytes | None, source: Source, limits:
         return reject("invalid_json", f"not JSON: {exc}")
     if not isinstance(obj, dict):
         return reject("not_an_object", f"expected a JSON object, got {type(obj).__name__}")
-    for name in ("user", "item", "ts"):
+    ts_from_field = schema.event_time == "field" or (
+        schema.event_time == "field_or_record" and obj.get(schema.ts) is not None)
+    for name in (schema.user, schema.item) + ((schema.ts,) if ts_from_field else ()):
         if name not in obj:
             return reject("missing_field", f"field {name!r} is missing")
-    ids = {"user": obj["user"], "item": obj["item"]}
-    event_id = obj.get("event_id")
-    if event_id is not None:
-        ids["event_id"] = event_id
+    ids: dict[str, object] = {schema.user: obj[schema.user], schema.item: obj[schema.item]}
+    if obj.get(schema.event_id) is not None:
+        ids[schema.event_id] = obj[schema.event_id]
     for name, v in ids.items():
+        if isinstance(v, int) and not isinstance(v, bool) and name != schema.event_id:
+            v = ids[name] = str(v)  # numeric ids, as many schemas have them: one id, one string
         if not isinstance(v, str):
-            return reject("bad_type", f"field {name!r} must be a string, got {type(v).__name__}")
+            kinds = "a string" if name == schema.event_id else "a string or an integer"
+            return reject("bad_type", f"field {name!r} must be {kinds}, got {type(v).__name__}")
         if not v.strip():
             return reject("empty_field", f"field {name!r} is empty")
-        if len(v) > limits.max_id_chars:
-            return reject("oversized_field", f"field {name!r} has {len(v)} characters > {limits.max_id_chars}")
+        if len(v) > schema.max_id_chars:
+            return reject("oversized_field", f"field {name!r} has {len(v)} characters > {schema.max_id_chars}")
         try:
             v.encode("utf-8")
         except UnicodeEncodeError:  # valid JSON ("\ud800"), but no key, record or message can hold it
             return reject("invalid_utf8", f"field {name!r} is not encodable as UTF-8 (a lone surrogate escape)")
-    ts = obj["ts"]
-    if isinstance(ts, bool) or not isinstance(ts, (int, float)):
-        return reject("bad_type", f"field 'ts' must be a number (epoch seconds), got {type(ts).__name__}")
-    ts = float(ts)
+    if ts_from_field:
+        raw_ts = obj[schema.ts]
+        if isinstance(raw_ts, bool) or not isinstance(raw_ts, (int, float)):
+            unit = "epoch milliseconds" if schema.ts_unit == "ms" else "epoch seconds"
+            return reject("bad_type", f"field {schema.ts!r} must be a number ({unit}), got {type(raw_ts).__name__}")
+        ts = float(raw_ts) / (1000.0 if schema.ts_unit == "ms" else 1.0)
+        what = f"{schema.ts} {raw_ts!r}"
+    else:
+        if source.kafka_ts_ms < 0:
+            return reject("bad_timestamp", "the record has no timestamp to take the event time from")
+        ts = source.kafka_ts_ms / 1000.0
+        what = f"the record's timestamp {source.kafka_ts_ms} ms"
     latest = (time.time() if now is None else now) + FUTURE_SLACK_S
     if not math.isfinite(ts) or not MIN_TS <= ts <= latest:
-        return reject("bad_timestamp", f"ts {obj['ts']!r} is not an epoch time in seconds between 1990 and now")
-    if key != obj["user"].encode("utf-8"):
+        unit = "milliseconds" if ts_from_field and schema.ts_unit == "ms" else "seconds"
+        return reject("bad_timestamp", f"{what} is not an epoch time in {unit} between 1990 and now")
+    user, item = ids[schema.user], ids[schema.item]
+    if key != user.encode("utf-8"):
         # All events of a user must land in one partition, hence one worker and one state.
-        return reject("key_mismatch", "message key differs from the 'user' field")
-    return Interaction(obj["user"], obj["item"], ts, event_id, source)
+        return reject("key_mismatch", f"message key differs from the {schema.user!r} field")
+    return Interaction(user, item, ts, ids.get(schema.event_id), source)
 
 
-def encode_event(user: str, item: str, ts: float, event_id: str | None = None) -> tuple[bytes, bytes]:
-    """(key, value) of an interactions message."""
-    body = {"user": user, "item": item, "ts": ts}
+def encode_event(user: str, item: str, ts: float, event_id: str | None = None,
+                 schema: EventSchema = EventSchema()) -> tuple[bytes, bytes]:
+    """(key, value) of an interactions message, in ``schema``'s field names and time unit
+    (``ts`` in epoch seconds)."""
+    body: dict[str, object] = {schema.user: user, schema.item: item,
+                               schema.ts: ts * 1000.0 if schema.ts_unit == "ms" else ts}
     if event_id is not None:
-        body["event_id"] = event_id
+        body[schema.event_id] = event_id
     return user.encode("utf-8"), json.dumps(body, separators=(",", ":")).encode("utf-8")
 
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import numpy as np
 
-from linrec_stream.contracts.events import Interaction, Limits, Source, parse_event
+from linrec_stream.contracts.events import Interaction, EventSchema, Source, parse_event
 from linrec_stream.data import Interactions
 from linrec_stream.settings import Settings
 
@@ -142,7 +142,7 @@ def _consume(consumer, tps: list, ends: dict, begins: dict, settings: Settings, 
     """Poll until every partition's position reaches its end offset; validate each message."""
     from tqdm import tqdm
 
-    limits = Limits(settings.max_event_bytes, settings.max_id_chars)
+    schema = EventSchema.from_settings(settings)
     now = time.time()  # one clock for the whole snapshot: the "not in the future" check is stable
     logs = {tp.partition: _PartitionLog() for tp in tps}
     pending = {tp for tp in tps if ends[tp] > begins[tp]}
@@ -163,7 +163,7 @@ def _consume(consumer, tps: list, ends: dict, begins: dict, settings: Settings, 
                         break
                     n += 1
                     ev = parse_event(r.key, r.value, Source(tp.topic, tp.partition, r.offset, r.timestamp),
-                                     limits, now=now)
+                                     schema, now=now)
                     if isinstance(ev, Interaction):
                         part.users.append(ev.user)
                         part.items.append(ev.item)

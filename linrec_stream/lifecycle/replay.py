@@ -13,8 +13,9 @@ from typing import Callable
 
 import numpy as np
 
-from linrec_stream.contracts.events import encode_event
+from linrec_stream.contracts.events import EventSchema, encode_event
 from linrec_stream.data import read_interactions
+from linrec_stream.settings import Settings
 
 
 @dataclass(frozen=True)
@@ -63,15 +64,17 @@ def ordered_events(plan: ReplayPlan, skip_malformed: bool = False) -> tuple[np.n
 
 
 def replay(
-    plan: ReplayPlan, bootstrap_servers: str, progress: bool = True, skip_malformed: bool = False,
+    plan: ReplayPlan, settings: Settings, progress: bool = True, skip_malformed: bool = False,
     event_ids: bool = True, on_sent: Callable[[int], None] | None = None,
 ) -> ReplaySummary:
-    """Produce the plan's events; returns what was sent. Event ids are ``<file>:<row>``."""
+    """Produce the plan's events to ``settings``' cluster, in its message contract (field names,
+    time unit); returns what was sent. Event ids are ``<file>:<row>``."""
     from kafka import KafkaProducer
     from tqdm import tqdm
 
     users, items, ts = ordered_events(plan, skip_malformed)
-    producer = KafkaProducer(bootstrap_servers=bootstrap_servers, linger_ms=20, batch_size=256 * 1024)
+    schema = EventSchema.from_settings(settings)
+    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=20, batch_size=256 * 1024)
     sent, interrupted = 0, False
     t0 = time.monotonic()
     bar = tqdm(total=len(ts), unit="ev", desc="replay", disable=not progress, smoothing=0.1)
@@ -83,7 +86,7 @@ def replay(
             elif plan.speed:
                 _sleep_until(t0 + (ts[i] - ts[0]) / plan.speed)
             key, value = encode_event(str(users[i]), str(items[i]), float(ts[i]),
-                                      f"{stem}:{i}" if event_ids else None)
+                                      f"{stem}:{i}" if event_ids else None, schema)
             producer.send(plan.topic, key=key, value=value)
             sent += 1
             if sent % 1000 == 0:
