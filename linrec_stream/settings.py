@@ -106,8 +106,21 @@ CODECS = ("none", "gzip", "snappy", "lz4", "zstd")
 
 
 
-def _setting(default: Any, doc: str, check: Callable[[Any], None] | None = None) -> Any:
-    return field(default=default, metadata={"doc": doc, "check": check})
+SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+#: What ``settings`` prints instead of a secret's value.
+MASK = "********"
+
+
+def _check_file_or_unset(value: str) -> None:
+    # "" means unset; a path that is given must be a readable file, checked now rather than as a
+    # TLS handshake error later.
+    if value and not Path(value).expanduser().is_file():
+        raise ValueError(f"no such file: {value}")
+
+
+def _setting(default: Any, doc: str, check: Callable[[Any], None] | None = None, secret: bool = False) -> Any:
+    return field(default=default, metadata={"doc": doc, "check": check, "secret": secret})
 
 
 @dataclass(frozen=True)
@@ -116,6 +129,21 @@ class Settings:
 
     # --- Kafka client side -------------------------------------------------------------
     bootstrap_servers: str = _setting("127.0.0.1:9092", "Kafka bootstrap servers, comma separated", _check_servers)
+    # Security of every client the project makes (linrec_stream/clients/connection.py; README
+    # "Connecting to a real cluster"). "" means unset.
+    security_protocol: str = _setting("PLAINTEXT", "PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL",
+                                      _one_of(*SECURITY_PROTOCOLS))
+    sasl_mechanism: str = _setting("SCRAM-SHA-512", "SASL mechanism: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512",
+                                   _one_of(*SASL_MECHANISMS))
+    sasl_username: str = _setting("", "SASL user name")
+    sasl_password: str = _setting("", "SASL password (wins over sasl_password_file; never printed)", secret=True)
+    sasl_password_file: str = _setting("", "file holding the SASL password (first line)", _check_file_or_unset)
+    ssl_cafile: str = _setting("", "PEM file of the CA certificates to trust (\"\": the system's)",
+                               _check_file_or_unset)
+    ssl_certfile: str = _setting("", "PEM client certificate, for mutual TLS", _check_file_or_unset)
+    ssl_keyfile: str = _setting("", "PEM private key of ssl_certfile, for mutual TLS", _check_file_or_unset)
+    ssl_key_password: str = _setting("", "password of an encrypted ssl_keyfile (never printed)", secret=True)
+    ssl_check_hostname: bool = _setting(True, "check that the broker's certificate names its host")
     # --- the local broker that `linrec-stream kafka start` runs ---------------------------
     kafka_port: int = _setting(9092, "local broker's client port on 127.0.0.1", _check_port)
     kafka_controller_port: int = _setting(9093, "local broker's KRaft controller port on 127.0.0.1", _check_port)
@@ -217,6 +245,15 @@ class Settings:
         """(name, description, default) for the settings reference."""
         return [(f.name, f.metadata["doc"], f.default) for f in fields(cls)]
 
+    def shown(self) -> list[tuple[str, Any]]:
+        """(name, value) of every setting, a secret that is set shown as :data:`MASK`: what may be
+        printed or logged."""
+        return [(f.name, MASK if f.metadata["secret"] and getattr(self, f.name) else getattr(self, f.name))
+                for f in fields(self)]
+
+    def __repr__(self) -> str:  # a Settings in a traceback or a log line never shows a secret
+        return f"Settings({', '.join(f'{n}={v!r}' for n, v in self.shown())})"
+
     @classmethod
     def load(
         cls,
@@ -283,13 +320,22 @@ def _read_file(path: Path) -> dict[str, Any]:
 
 
 def _convert(f: dataclasses.Field, raw: Any, origin: str) -> Any:
-    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "Path": Path}[f.type]
+    kind = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str, "Path": Path,
+                                                    "bool": bool}[f.type]
     try:
-        if kind is int:
+        if kind is bool:
+            words = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
+            if isinstance(raw, bool):
+                value: Any = raw
+            elif isinstance(raw, str) and raw.strip().lower() in words:
+                value = words[raw.strip().lower()]
+            else:
+                raise ValueError(f"expected true or false, got {raw!r}")
+        elif kind is int:
             if isinstance(raw, bool) or not isinstance(raw, (int, str)):
                 raise ValueError(f"expected an integer, got {raw!r}")
             try:
-                value: Any = int(raw)
+                value = int(raw)
             except ValueError:
                 raise ValueError(f"expected an integer, got {raw!r}") from None
         elif kind is float:

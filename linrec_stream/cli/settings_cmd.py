@@ -22,6 +22,6 @@ def _settings(settings: Settings, args: argparse.Namespace) -> int:
         for name, doc, default in Settings.docs():
             print(f"| `{name}` | `LINREC_{name.upper()}` | `{default}` | {doc} |")
         return 0
-    for name, _doc, _default in Settings.docs():
-        print(f"{name} = {getattr(settings, name)}")
+    for name, value in settings.shown():  # secrets masked
+        print(f"{name} = {value}")
     return 0
