@@ -15,6 +15,7 @@ import torch
 
 from consumers.serving import ServingModel
 from linrec_stream.broker.topics import create_topics, delete_topics
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.events import encode_event
 from linrec_stream.contracts.topics import project_topics
 from linrec_stream.model import LinRecModel, ModelConfig
@@ -81,9 +82,7 @@ def prefill(state_dir: Path, model_dir: Path, users: int, history: int, num_item
 def produce(s: Settings, events: Iterable[tuple[str, str]], rate: float | None = None, linger_ms: int = 5) -> int:
     """Send (user, item) events to the interactions topic, ``rate`` events/s (None: at once);
     event time ``1e9 + i``. Returns how many were sent."""
-    from kafka import KafkaProducer
-
-    p = KafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=linger_ms)
+    p = KafkaConnection.from_settings(s).producer(linger_ms=linger_ms)
     t0 = time.monotonic()
     n = 0
     for i, (user, item) in enumerate(events):

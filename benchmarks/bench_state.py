@@ -52,10 +52,11 @@ def bench_store(root: Path, records: list[UserRecord], batch: int, sync: bool, s
 
 
 def bench_changelog(records: list[UserRecord], batch: int, seconds: float) -> tuple[float, float]:
+    from linrec_stream.clients.connection import KafkaConnection
     from linrec_stream.settings import Settings
 
-    s = Settings.load()
-    cl = Changelog(s.bootstrap_servers, f"bench-state-changelog-{uuid.uuid4().hex[:6]}")
+    connection = KafkaConnection.from_settings(Settings.load())
+    cl = Changelog(connection, f"bench-state-changelog-{uuid.uuid4().hex[:6]}")
     cl.ensure_topic(4)
     try:
         cl.publish(records[:1])  # connect, metadata, producer id
@@ -69,9 +70,7 @@ def bench_changelog(records: list[UserRecord], batch: int, seconds: float) -> tu
         return n / dt, 1000 * dt / n
     finally:
         cl.close()
-        from kafka import KafkaAdminClient
-
-        admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+        admin = connection.admin()
         admin.delete_topics([cl.topic])
         admin.close()
 

@@ -256,10 +256,12 @@ def changelog_bytes(s: Settings) -> tuple[float, int, int]:
     back. The topic is compacted, so by the time it is read the log cleaner may already have
     removed a user's older records: counting only what is read would undercount.
     Returns (bytes, records produced, records read back)."""
-    from kafka import KafkaConsumer, TopicPartition
+    from kafka import TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None, enable_auto_commit=False,
-                      auto_offset_reset="earliest", max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
+    from linrec_stream.clients.connection import KafkaConnection
+
+    c = KafkaConnection.from_settings(s).consumer(group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
+                                                  max_partition_fetch_bytes=8 << 20, fetch_max_bytes=64 << 20)
     try:
         parts = c.partitions_for_topic(s.topic_state_changelog) or set()
         tps = [TopicPartition(s.topic_state_changelog, p) for p in sorted(parts)]

@@ -91,9 +91,8 @@ def part_a(args) -> list[str]:
 
 
 def part_b(args) -> list[str]:
-    from kafka import KafkaProducer
-
     from linrec_stream.broker.topics import create_topics, private_env
+    from linrec_stream.clients.connection import KafkaConnection
     from linrec_stream.lifecycle.registry import ModelRegistry
     from linrec_stream.settings import Settings
 
@@ -118,7 +117,7 @@ def part_b(args) -> list[str]:
             versions.append(m.version)
         reg.promote(versions[0])
         rng = random.Random(n_users)
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=20, batch_size=1 << 20)
+        producer = KafkaConnection.from_settings(settings).producer(linger_ms=20, batch_size=1 << 20)
         events = n_users * args.events_per_user
         for i in range(events):
             u = f"user-{i % n_users}"

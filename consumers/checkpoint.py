@@ -34,8 +34,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from consumers.transport import GroupCommitter, Producer
+from consumers.transport import GroupCommitter, InputRecord, Producer
 from linrec_stream.contracts.events import Rejected
+from linrec_stream.contracts.topics import FORWARDED_FROM
 from state.record import UserRecord
 
 if TYPE_CHECKING:
@@ -105,10 +106,19 @@ class Checkpoint:
 
     # --- writes --------------------------------------------------------------------------------
     def add(self, result: BatchResult, rejected: Sequence[Rejected] = (),
-            next_offsets: Mapping[int, int] | None = None) -> dict[str, float]:
-        """Send ``result``'s recommendations and the ``rejected`` messages now; stage its records
-        and, for a micro-batch, each consumed partition's next offset. Returns seconds spent."""
+            next_offsets: Mapping[int, int] | None = None,
+            forwards: Sequence[tuple[InputRecord, int]] = ()) -> dict[str, float]:
+        """Send ``result``'s recommendations, the ``rejected`` messages and the ``forwards``
+        (events to their user's home partition: (record, partition)) now; stage its records
+        and, for a micro-batch, each consumed partition's next offset. Returns seconds spent.
+
+        A forward is sent like a dead letter: acknowledged before the store commit records its
+        offset as consumed, so an event is never lost between two partitions."""
         t0 = time.perf_counter()
+        for r, home in forwards:
+            headers = [*(r.headers or ()), (FORWARDED_FROM, f"{r.partition}/{r.offset}".encode())]
+            self.producer.send(r.topic, key=r.key, value=r.value, headers=headers, partition=home,
+                               timestamp_ms=r.timestamp if r.timestamp >= 0 else None)
         for rej in rejected:
             key, value, headers = rej.message()  # cut to fit one Kafka message, saying so
             self.producer.send(self.dead_letter_topic, key=key, value=value, headers=headers)

@@ -42,6 +42,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Coroutine
 
+from linrec_stream.clients.connection import KafkaConnection
+from linrec_stream.clients.refusal import KafkaRefusal, refusal, refusals_seen
 from linrec_stream.settings import Settings
 
 log = logging.getLogger("linrec.worker")
@@ -60,6 +62,7 @@ class FaustRecord:
     timestamp: int  # ms (faust gives seconds)
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
 
 
 class HandOff:
@@ -135,15 +138,17 @@ class HandOff:
 class FaustEngine:
     """A faust App in a thread: the worker's ``GroupConsumer`` and ``Producer`` at once.
 
-    ``max_poll_records``: the agent's batches; the hand-off to the worker holds four of them."""
+    ``max_poll_records``: the agent's batches; the hand-off to the worker holds four of them.
+    ``connection``: the cluster and its security, which the app's clients (aiokafka) use."""
 
-    def __init__(self, settings: Settings, max_poll_records: int) -> None:
+    def __init__(self, settings: Settings, connection: KafkaConnection, max_poll_records: int) -> None:
         if settings.isolation_level == "read_committed":
             # faust-streaming 0.15 gives aiokafka read_committed only with its own exactly_once
             # guarantee (transactions, which this engine does not use: module docstring).
             log.warning("worker: the faust engine reads uncommitted data: events of aborted transactions are "
                         "applied (isolation_level=read_committed holds on the kafka-python engine only)")
         self.settings = settings
+        self.connection = connection
         self.topic = settings.topic_interactions
         self.max_poll_records = max_poll_records
         self.handoff = HandOff(4 * max_poll_records)
@@ -190,6 +195,9 @@ class FaustEngine:
         if offsets and not self._thread.call(self._thread.app.consumer._commit(offsets)):
             raise RuntimeError(f"faust: commit of {dict(next_offsets)} failed (partitions revoked meanwhile?)")
 
+    def partition_count(self) -> int:
+        return self._thread.app.consumer.topic_partitions(self.topic) or 0
+
     def lag(self) -> dict[int, int]:
         consumer = self._thread.app.consumer
         tps = [self._tp(p) for p in sorted(self.assigned())]
@@ -207,11 +215,13 @@ class FaustEngine:
 
     # --- Producer --------------------------------------------------------------------------------
     def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-             headers: Sequence[tuple[str, bytes]] | None = None) -> None:
+             headers: Sequence[tuple[str, bytes]] | None = None, partition: int | None = None,
+             timestamp_ms: int | None = None) -> None:
         """Queue a send (not awaited: ``flush`` waits for every delivery). Sends leave in call
         order: one drain task on the app's loop hands them to the producer one after another."""
         with self._outbox_lock:
-            self._outbox.append((topic, key, value, list(headers) if headers else None))
+            self._outbox.append((topic, key, value, partition, None if timestamp_ms is None else timestamp_ms / 1000,
+                                 list(headers) if headers else None))
             if self._draining:
                 return
             self._draining = True
@@ -230,8 +240,8 @@ class FaustEngine:
                         return
                     batch = list(self._outbox)
                     self._outbox.clear()
-                for topic, key, value, headers in batch:
-                    self._deliveries.append(await producer.send(topic, key, value, None, None, headers))
+                for topic, key, value, partition, timestamp_s, headers in batch:
+                    self._deliveries.append(await producer.send(topic, key, value, partition, timestamp_s, headers))
         except BaseException:
             with self._outbox_lock:
                 self._draining = False
@@ -294,14 +304,25 @@ class _FaustThread:
         self._thread = threading.Thread(target=self._run, name="faust-app", daemon=True)
 
     def start_app(self) -> None:
-        self._thread.start()
-        if not self._ready.wait(_START_TIMEOUT_S):
-            raise RuntimeError(f"faust app did not start within {_START_TIMEOUT_S:.0f}s "
-                               f"(broker {self.engine.settings.bootstrap_servers})")
-        self.raise_if_crashed()
+        connection = self.engine.connection
+        # aiokafka logs why a bootstrap failed and raises only "Unable to bootstrap": listen.
+        with refusals_seen(connection) as seen:
+            self._thread.start()
+            ready = self._ready.wait(_START_TIMEOUT_S)
+        try:
+            if not ready:
+                raise RuntimeError(f"faust app did not start within {_START_TIMEOUT_S:.0f}s "
+                                   f"(broker {connection.describe()})")
+            self.raise_if_crashed()
+        except Exception as exc:
+            seen.raise_if_refused(exc)
+            raise
 
     def raise_if_crashed(self) -> None:
         if self._error is not None:
+            line = refusal(self._error, self.engine.connection)
+            if line is not None:  # a configuration error, not a crash: one line, never waited out
+                raise KafkaRefusal(line) from self._error
             raise RuntimeError(f"faust app stopped: {type(self._error).__name__}: {self._error}") from self._error
         if self.app is not None and self.app.should_stop and not self.engine._closed:
             raise RuntimeError("faust app stopped on its own (see its log above)")
@@ -345,15 +366,19 @@ class _FaustThread:
         await self.app.stop()
 
 
-def _build_app(engine: FaustEngine) -> Any:
-    import faust
+def _header_pairs(headers: Any) -> list[tuple[str, bytes]]:
+    """A faust message's headers (a list of pairs or a mapping) as (name, value) pairs."""
+    if not headers:
+        return []
+    return list(headers.items()) if hasattr(headers, "items") else list(headers)
 
+
+def _build_app(engine: FaustEngine) -> Any:
     from consumers.transport import codec_arg
 
     s = engine.settings
-    app = faust.App(
-        s.worker_group,  # the app id is the consumer group
-        broker=f"kafka://{s.bootstrap_servers.replace(',', ';kafka://')}",
+    app = engine.connection.faust_app(
+        s.worker_group,  # the app id is the consumer group; broker and credentials from the connection
         store="memory://",  # no faust tables: the rocksdict store holds the states
         web_enabled=False,  # the worker serves its own Prometheus metrics
         topic_allow_declare=False, topic_disable_leader=True,  # topics come from `topics create`
@@ -372,8 +397,8 @@ def _build_app(engine: FaustEngine) -> Any:
     @app.agent(topic)
     async def interactions(stream):  # noqa: ANN001 (faust's stream)
         async for events in stream.take_events(engine.max_poll_records, within=within_s):
-            batch = [FaustRecord(m.topic, m.partition, m.offset, int(m.timestamp * 1000), m.key, m.value)
-                     for m in (e.message for e in events)]
+            batch = [FaustRecord(m.topic, m.partition, m.offset, int(m.timestamp * 1000), m.key, m.value,
+                                 _header_pairs(m.headers)) for m in (e.message for e in events)]
             while not engine.handoff.room():  # the worker is behind: hold the fetcher back
                 await asyncio.sleep(0.002)
             engine.handoff.put(batch)

@@ -8,11 +8,12 @@ import threading
 import time
 from collections.abc import Mapping
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka import ConsumerRebalanceListener, KafkaConsumer
 from kafka.errors import UnsupportedCodecError
 from kafka.structs import OffsetAndMetadata, TopicPartition
 
 from consumers.transport import codec_arg
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.model_updates import Announcement
 from linrec_stream.settings import Settings
 
@@ -34,15 +35,17 @@ class KafkaSender:
     delivered: a failed one is sent again and ``DeliveryError`` raised, for the caller to flush
     again once the broker is back (consumers/outage.py)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self._producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5,
-                                       batch_size=1024 * 1024, max_in_flight_requests_per_connection=5,
-                                       compression_type=codec_arg(settings.compression_type))
+    def __init__(self, settings: Settings, connection: KafkaConnection) -> None:
+        self._producer = connection.producer(linger_ms=5, batch_size=1024 * 1024,
+                                             max_in_flight_requests_per_connection=5,
+                                             compression_type=codec_arg(settings.compression_type))
         self._sent: list[tuple[object, tuple]] = []  # (future, send arguments) since the last flush
 
-    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None, headers=None) -> None:
-        args = (topic, value, key, headers)
-        self._sent.append((self._producer.send(topic, value=value, key=key, headers=headers), args))
+    def send(self, topic: str, value: bytes | None = None, key: bytes | None = None, headers=None,
+             partition: int | None = None, timestamp_ms: int | None = None) -> None:
+        args = (topic, value, key, headers, partition, timestamp_ms)
+        self._sent.append((self._producer.send(topic, value=value, key=key, headers=headers, partition=partition,
+                                               timestamp_ms=timestamp_ms), args))
 
     def flush(self) -> None:
         self._producer.flush()
@@ -51,7 +54,9 @@ class KafkaSender:
         if failed:
             for _, args in failed:
                 self.send(*args)
-            raise DeliveryError(f"{len(failed)} send(s) not acknowledged ({failed[0][0]!r}); sent again")
+            # Chained, so that a refusal (a topic ACL) is seen as such, not waited out as an outage.
+            raise DeliveryError(f"{len(failed)} send(s) not acknowledged ({failed[0][0]!r}); sent again") \
+                from failed[0][0]
 
     def close(self) -> None:
         self._producer.close()
@@ -59,10 +64,11 @@ class KafkaSender:
 
 class KafkaGroupConsumer:
     """A member of ``settings.worker_group`` on ``settings.topic_interactions``, auto-commit off,
-    polling at most ``max_poll_records`` records at a time."""
+    polling at most ``max_poll_records`` records at a time; ``connection`` makes its consumers."""
 
-    def __init__(self, settings: Settings, max_poll_records: int) -> None:
+    def __init__(self, settings: Settings, connection: KafkaConnection, max_poll_records: int) -> None:
         self.settings = settings
+        self.connection = connection
         self.topic = settings.topic_interactions
         self.max_poll_records = max_poll_records
         # Partitions assigned by the last rebalance, not yet positioned. kafka-python runs the
@@ -74,8 +80,8 @@ class KafkaGroupConsumer:
 
     def _subscribe(self) -> KafkaConsumer:
         s = self.settings
-        consumer = KafkaConsumer(
-            bootstrap_servers=s.bootstrap_servers, group_id=s.worker_group,
+        consumer = self.connection.consumer(
+            group_id=s.worker_group,
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=self.max_poll_records,
             isolation_level=s.isolation_level,
             client_id=f"linrec-worker-{id(self):x}", session_timeout_ms=s.session_timeout_ms,
@@ -116,6 +122,9 @@ class KafkaGroupConsumer:
     def commit(self, next_offsets: Mapping[int, int]) -> None:
         self._consumer.commit({TopicPartition(self.topic, p): OffsetAndMetadata(o, "", -1)
                                for p, o in next_offsets.items()})
+
+    def partition_count(self) -> int:
+        return len(self._consumer.partitions_for_topic(self.topic) or ())
 
     def lag(self) -> dict[int, int]:
         held = self._consumer.assignment()
@@ -168,14 +177,15 @@ class UpdateFollower:
     Create it *before* reading the registry's current version at start-up, so that a promotion
     made in between is seen here rather than missed."""
 
-    def __init__(self, bootstrap_servers: str, topic: str) -> None:
+    def __init__(self, connection: KafkaConnection, topic: str) -> None:
         self.topic = topic
-        self.consumer = KafkaConsumer(bootstrap_servers=bootstrap_servers, enable_auto_commit=False,
-                                      group_id=None, client_id="linrec-model-follower")
+        self.consumer = connection.consumer(enable_auto_commit=False, group_id=None,
+                                            client_id="linrec-model-follower")
         if not self.consumer.partitions_for_topic(topic):
             self.consumer.close()
-            raise ValueError(f"topic {topic!r} does not exist on {bootstrap_servers}: run `linrec-stream topics "
-                             "create` (a worker following the registry listens there for new model versions)")
+            raise ValueError(f"topic {topic!r} does not exist on {connection.bootstrap_servers}: run "
+                             "`linrec-stream topics create` (a worker following the registry listens there for "
+                             "new model versions)")
         self.tp = TopicPartition(topic, 0)
         self.consumer.assign([self.tp])
         self.consumer.seek_to_end(self.tp)

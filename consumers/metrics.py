@@ -63,8 +63,8 @@ class WorkerMetrics:
         self._since = time.monotonic()
         self._events_since = 0
         self._batches_since = 0
-        self.totals = {"events": 0, "dead_letters": 0, "recommendations": 0, "duplicates": 0, "unknown_items": 0,
-                       "batches": 0}
+        self.totals = {"events": 0, "forwarded": 0, "dead_letters": 0, "recommendations": 0, "duplicates": 0,
+                       "unknown_items": 0, "batches": 0}
         self.stage_seconds: dict[str, float] = {}  # cumulative, per stage (for profiles and benchmarks)
 
     def serve(self, port: int) -> None:
@@ -98,7 +98,8 @@ class WorkerMetrics:
         self._batches_since += 1
 
     def observe_batch_result(self, result: BatchResult, rejected: Sequence[Rejected] = (),
-                             stages: Mapping[str, float] | None = None, consumed: int | None = None) -> None:
+                             stages: Mapping[str, float] | None = None, consumed: int | None = None,
+                             forwarded: int = 0) -> None:
         """A committed batch: a micro-batch of ``consumed`` records (events and malformed ones),
         or a sweep step after a model swap (``consumed`` None: no input, no batch counted).
         ``stages``: seconds per stage. End-to-end latency is observed for recommendations an
@@ -114,6 +115,7 @@ class WorkerMetrics:
         self.events.labels("applied").inc(result.applied)
         self.events.labels("duplicate").inc(result.duplicates)
         self.events.labels("unknown_item").inc(result.unknown_items)
+        self.events.labels("forwarded").inc(forwarded)
         self.recommendations.inc(len(result.recommendations))
         self.rebuilt.inc(result.rebuilt)
         self.windows_dropped.inc(result.windows_dropped)
@@ -125,6 +127,7 @@ class WorkerMetrics:
         self.totals["unknown_items"] += result.unknown_items
         self.totals["recommendations"] += len(result.recommendations)
         self.totals["dead_letters"] += len(rejected)
+        self.totals["forwarded"] += forwarded
 
     def observe_model(self, version: str, previous: str | None = None) -> None:
         """``version`` is served from now on; ``previous`` (a swap) no longer."""
@@ -156,7 +159,8 @@ class WorkerMetrics:
         line = (f"worker: {self._events_since:,} events in {dt:.0f}s ({self._events_since / dt:,.0f}/s), "
                 f"{self._batches_since} batches, latency p50 {p50 * 1000:.0f} ms p99 {p99 * 1000:.0f} ms, "
                 f"totals: {self.totals['events']:,} events, {self.totals['recommendations']:,} recs, "
-                f"{self.totals['dead_letters']} dead letters, {self.totals['duplicates']} duplicates skipped; "
-                f"lag {lag:,}")
+                f"{self.totals['dead_letters']} dead letters, {self.totals['duplicates']} duplicates skipped"
+                + (f", {self.totals['forwarded']:,} forwarded to their home partition" if self.totals["forwarded"] else "")
+                + f"; lag {lag:,}")
         self._since, self._events_since, self._batches_since = now, 0, 0
         return line

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable, Protocol, TypeVar
 
+from linrec_stream.clients.refusal import refusal
+
 log = logging.getLogger("linrec.worker")
 T = TypeVar("T")
 
@@ -28,7 +30,13 @@ _TRANSIENT_NAMES = {"KafkaTimeoutError", "NoBrokersAvailable", "KafkaConnectionE
 
 def is_transient(exc: BaseException) -> bool:
     """True for an error that waiting can cure: a timeout, a lost connection, a Kafka error
-    marked retriable, or one of those wrapped (``raise ... from``) by our own errors."""
+    marked retriable, or one of those wrapped (``raise ... from``) by our own errors.
+
+    A refusal by the cluster (authentication, authorization, TLS verification; see
+    linrec_stream/clients/refusal.py) anywhere in the chain is never transient, even wrapped
+    in an error that otherwise is (a DeliveryError of sends the broker refused)."""
+    if refusal(exc) is not None:
+        return False
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, (TimeoutError, ConnectionError)) or getattr(exc, "retriable", False) \

@@ -29,6 +29,7 @@ class InputRecord(Protocol):
     timestamp: int  # Kafka timestamp, ms
     key: bytes | None
     value: bytes | None
+    headers: Sequence[tuple[str, bytes]]
 
 
 class GroupCommitter(Protocol):
@@ -57,6 +58,9 @@ class GroupConsumer(GroupCommitter, Protocol):
     def lag(self) -> dict[int, int]:
         """Per held partition, the records not yet consumed."""
 
+    def partition_count(self) -> int:
+        """Partitions of the interactions topic now (from the client's metadata)."""
+
     def rejoin_if_stuck(self) -> None:
         """Called while idle: recover from a group join that never completes (a no-op where the
         client needs no such care)."""
@@ -68,7 +72,9 @@ class Producer(Protocol):
     """Sends to any topic; ``flush`` returns once every send is acknowledged."""
 
     def send(self, topic: str, value: bytes | None = None, key: bytes | None = None,
-             headers: Sequence[tuple[str, bytes]] | None = None) -> Any: ...
+             headers: Sequence[tuple[str, bytes]] | None = None, partition: int | None = None,
+             timestamp_ms: int | None = None) -> Any:
+        """Queue one message (``partition`` None: the key's; ``timestamp_ms`` None: now)."""
 
     def flush(self) -> None: ...
 

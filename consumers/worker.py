@@ -19,7 +19,9 @@ This module is the loop; its parts are each in their own module:
 
 Per micro-batch (what the consumer holds, up to ``batch_size`` events; it does not wait for more):
 
-1. validate every message; malformed ones are routed to the dead-letter topic;
+1. validate every message; malformed ones are routed to the dead-letter topic; an event found
+   off its user's home partition (another producer's partitioner) is forwarded there
+   (``_route``; README "Partitioning");
 2. ``apply_batch``: per user, the new events (those after the user's stored offset, and not a
    retry of a recent ``event_id``) applied in one ``model.encode`` (or ``model.step``) call from
    the stored (or staged) state; each touched user's newest state scored. If it raises, the
@@ -39,6 +41,7 @@ or below a user's stored offset is skipped.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -55,13 +58,18 @@ from consumers.outage import OutageGuard
 from consumers.serving import ServingModel
 from consumers.swap import ModelSwaps, registry_vocabs
 from consumers.transport import GroupConsumer, InputRecord, Producer, UpdateSource, codec_arg
-from linrec_stream.contracts.events import Interaction, EventSchema, Rejected, Source, parse_event
+from linrec_stream.contracts.events import EventSchema, Interaction, Rejected, Source, parse_event
+from linrec_stream.contracts.topics import FORWARDED_FROM, home_partition
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.lifecycle.registry import ModelRegistry, RegistryError
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
 from state.store import StateStore
 
 log = logging.getLogger("linrec.worker")
+
+#: The event id given to a forwarded event that has none: where it was produced (``_route``).
+FORWARDED_ID_PREFIX = "linrec-forwarded:"
 
 
 @dataclass(frozen=True)
@@ -116,6 +124,10 @@ def build_parts(settings: Settings, options: WorkerOptions, stop: threading.Even
         # than the arithmetic, and leaves the other cores to Kafka I/O and other workers.
         torch.set_num_threads(settings.worker_threads)
     metrics = WorkerMetrics()
+    # Every client below is made by this one connection (cluster and security, README
+    # "Connecting to a real cluster"); a refusal by the cluster is raised, not waited out.
+    connection = KafkaConnection.from_settings(settings)
+    log.info("worker: Kafka at %s", connection.describe())
     # A worker started while the broker is down waits for it (``stop`` ends the wait).
     connect = OutageGuard(metrics, stop).run
     with contextlib.ExitStack() as built:  # closes what was built if a later step fails
@@ -124,7 +136,7 @@ def build_parts(settings: Settings, options: WorkerOptions, stop: threading.Even
         if model_dir is None:
             registry = ModelRegistry(settings.path(settings.registry_dir))
             # Follow first, then read CURRENT: a promotion in between is seen, not missed.
-            follower = connect(lambda: UpdateFollower(settings.bootstrap_servers, settings.topic_model_updates),
+            follower = connect(lambda: UpdateFollower(connection, settings.topic_model_updates),
                                "following the model updates")
             built.callback(follower.close)
             version = registry.current()
@@ -139,28 +151,30 @@ def build_parts(settings: Settings, options: WorkerOptions, stop: threading.Even
         built.callback(store.close)
         if damage:
             log.warning("worker: %s", damage)
-        changelog = Changelog(settings.bootstrap_servers, settings.topic_state_changelog,
+        changelog = Changelog(connection, settings.topic_state_changelog,
                               compression_type=codec_arg(settings.changelog_compression_type))
         built.callback(changelog.close)
         connect(lambda: changelog.ensure_topic(settings.interactions_partitions), "checking the changelog topic")
-        consumer, producer = connect(lambda: _transport(settings, options), "joining the worker group")
+        consumer, producer = connect(lambda: _transport(settings, connection, options), "joining the worker group")
         built.pop_all()
     return WorkerParts(consumer, producer, store, changelog, serving, metrics=metrics, follower=follower,
                        registry=registry)
 
 
-def _transport(settings: Settings, options: WorkerOptions) -> tuple[GroupConsumer, Producer]:
-    """The group consumer and the producer of ``settings.worker_engine`` (the last parts built)."""
+def _transport(settings: Settings, connection: KafkaConnection,
+               options: WorkerOptions) -> tuple[GroupConsumer, Producer]:
+    """The group consumer and the producer of ``settings.worker_engine`` (the last parts built),
+    their clients made by ``connection``."""
     if settings.worker_engine == "faust":
         from consumers.faust_transport import FaustEngine
 
-        engine = FaustEngine(settings, options.batch_size)
+        engine = FaustEngine(settings, connection, options.batch_size)
         return engine, engine  # one faust app consumes and produces
     from consumers.kafka_transport import KafkaGroupConsumer, KafkaSender
 
-    producer = KafkaSender(settings)
+    producer = KafkaSender(settings, connection)
     try:
-        return KafkaGroupConsumer(settings, options.batch_size), producer
+        return KafkaGroupConsumer(settings, connection, options.batch_size), producer
     except BaseException:
         producer.close()
         raise
@@ -191,6 +205,7 @@ class StreamWorker:
         self._last_summary = time.monotonic()
         # Kafka steps are repeated through an outage; run() hands it the stop event.
         self.guard = OutageGuard(p.metrics)
+        self._partition_count = 0  # of the interactions topic, for routing; 0: not known yet
 
     @property
     def serving(self) -> ServingModel:
@@ -203,6 +218,7 @@ class StreamWorker:
         fetched for them came from the group's position and must be dropped)."""
         pending = self.consumer.take_assigned()
         if pending:
+            self._partition_count = 0  # a rebalance may follow a partition count change: ask again
             # What is staged goes to the store and the changelog first: a partition that comes
             # back stale is restored from the changelog, and no staged state may shadow that.
             self.guard.run(lambda: self.checkpoint.commit(self.consumer.assigned()), "the commit before positioning")
@@ -298,15 +314,23 @@ class StreamWorker:
         return out
 
     def process(self, records: list[InputRecord]) -> None:
-        """One micro-batch: parse, apply on the stored states, commit (the checkpoint), observe."""
+        """One micro-batch: parse, route, apply on the stored states, commit (the checkpoint), observe."""
         t0 = time.perf_counter()
         events: list[Interaction] = []
         rejected: list[Rejected] = []
+        forwards: list[tuple[InputRecord, int]] = []
         next_offsets: dict[int, int] = {}
         for r in records:
             src = Source(r.topic, r.partition, r.offset, r.timestamp)
             parsed = parse_event(r.key, r.value, src, self.schema)
-            (events if isinstance(parsed, Interaction) else rejected).append(parsed)
+            if isinstance(parsed, Interaction):
+                routed = self._route(parsed, r)
+                if isinstance(routed, int):
+                    forwards.append((r, routed))
+                else:
+                    events.append(routed)
+            else:
+                rejected.append(parsed)
             next_offsets[r.partition] = max(next_offsets.get(r.partition, 0), r.offset + 1)
         t_parsed = time.perf_counter()
         stored = self.checkpoint.read(e.user for e in events)
@@ -317,13 +341,37 @@ class StreamWorker:
         result = self._apply_total(stored, events, records, rejected)
 
         # Repeating add() re-sends (at-least-once) and re-stages the same records: safe.
-        sent = self.guard.run(lambda: self.checkpoint.add(result, rejected, next_offsets), "sending a batch")
+        sent = self.guard.run(lambda: self.checkpoint.add(result, rejected, next_offsets, forwards), "sending a batch")
         committed = self.guard.run(lambda: self.checkpoint.maybe_commit(self.consumer.assigned()), "a commit")
         stages = {"parse": t_parsed - t0, "state_read": t_read - t_parsed, **result.timings, **sent, **committed}
-        self.metrics.observe_batch_result(result, rejected, stages, consumed=len(records))
+        self.metrics.observe_batch_result(result, rejected, stages, consumed=len(records), forwarded=len(forwards))
         if rejected:
             log.warning("worker: %d malformed event(s) to %s: %s", len(rejected), self.settings.topic_dead_letter,
                         ", ".join(sorted({r.reason for r in rejected})))
+
+    def _route(self, ev: Interaction, r: InputRecord) -> Interaction | int:
+        """Where ``ev`` is applied: here (the event itself) or, when it was produced to another
+        partition than its user's home (``home_partition``: a producer with another partitioner),
+        that home partition's number: the event is forwarded there and applied when it comes
+        back, so each user has one state, on one partition, in one order.
+
+        A forwarded copy is applied where it lands (never forwarded twice, even if the partition
+        count changed meanwhile). One without ``event_id`` gets the id of where it was produced
+        (``FORWARDED_ID_PREFIX``), so a copy forwarded again after a crash, before the store
+        commit, is skipped as a retry of that id."""
+        origin = next((v for k, v in (r.headers or ()) if k == FORWARDED_FROM), None)
+        if origin is not None:
+            if ev.event_id is None:
+                return dataclasses.replace(ev, event_id=f"{FORWARDED_ID_PREFIX}{origin.decode('ascii', 'replace')}")
+            return ev
+        if not self.settings.repartition:
+            return ev
+        if not self._partition_count:
+            self._partition_count = self.consumer.partition_count()
+        if not self._partition_count:  # no metadata yet: apply it here rather than guess
+            return ev
+        home = home_partition(r.key, self._partition_count)
+        return ev if home == r.partition else home
 
     def _recover_damaged(self, users: list[str], events: list[Interaction]) -> dict:
         """Stored records that failed their checksum: their users' partitions are restored from

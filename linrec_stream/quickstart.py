@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.settings import Settings
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
     if settings.bootstrap_servers == settings.local_bootstrap:
         res = broker.start(log=log)
         started_broker = not res.already_running
-        log(f"[1/{steps}] Kafka at {settings.bootstrap_servers}"
+        log(f"[1/{steps}] Kafka at {KafkaConnection.from_settings(settings).describe()}"
             + (f" (started in {res.seconds:.1f}s)" if started_broker else " (already running)"))
     qs = settings.replace(
         topic_interactions="quickstart-interactions", topic_recommendations="quickstart-recommendations",
@@ -232,21 +233,25 @@ def _wait_for_swap(port: int, version: str, before: Samples, timeout_s: float) -
     return None
 
 
+#: The settings of how a client reaches the cluster (linrec_stream/clients/connection.py).
+_SECURITY_SETTINGS = ("security_protocol", "sasl_mechanism", "sasl_username", "sasl_password", "sasl_password_file",
+                      "ssl_cafile", "ssl_certfile", "ssl_keyfile", "ssl_key_password", "ssl_check_hostname")
+
+
 def _start_worker(s: Settings, log_path: Path) -> subprocess.Popen:
     """A worker serving the registry's version in force (hot swap on announcements)."""
+    # The cluster and its security travel too: they may come from a config file or flags.
     env = {**os.environ, **{f"LINREC_{k.upper()}": str(getattr(s, k)) for k in (
-        "bootstrap_servers", "topic_interactions", "topic_recommendations", "topic_dead_letter",
-        "topic_model_updates", "topic_state_changelog", "worker_group", "metrics_port", "summary_every_s",
-        "interactions_partitions", "registry_dir")}}
+        "bootstrap_servers", *_SECURITY_SETTINGS, "topic_interactions", "topic_recommendations",
+        "topic_dead_letter", "topic_model_updates", "topic_state_changelog", "worker_group", "metrics_port",
+        "summary_every_s", "interactions_partitions", "registry_dir")}}
     cmd = [sys.executable, "-m", "linrec_stream.cli", "worker", "--state-dir",
            str(s.state_dir), "--batch-size", str(s.batch_size), "--batch-ms", str(s.batch_ms)]
     return subprocess.Popen(cmd, env=env, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
 
 
 def _group_position(s: Settings) -> int:
-    from kafka import KafkaAdminClient
-
-    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+    admin = KafkaConnection.from_settings(s).admin()
     try:
         offsets = admin.list_group_offsets(s.worker_group).get(s.worker_group, {})
         return sum(o.offset for tp, o in offsets.items() if tp.topic == s.topic_interactions and o.offset > 0)
@@ -275,10 +280,9 @@ def _wait_caught_up(s: Settings, worker: subprocess.Popen, total: int, log: Log,
 
 
 def _count(s: Settings, topic: str) -> int:
-    from kafka import KafkaConsumer
     from kafka.structs import TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=s.bootstrap_servers)
+    c = KafkaConnection.from_settings(s).consumer()
     try:
         parts = [TopicPartition(topic, p) for p in (c.partitions_for_topic(topic) or [])]
         begins, ends = c.beginning_offsets(parts), c.end_offsets(parts)

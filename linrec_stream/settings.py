@@ -204,6 +204,10 @@ class Settings:
         _one_of(*EVENT_TIME_SOURCES))
     event_time_unit: str = _setting("s", "interactions: unit of the event-time field: s (epoch seconds) or ms",
                                     _one_of(*TIME_UNITS))
+    repartition: bool = _setting(
+        True, "worker: an event found on another partition than its user's home partition (murmur2 of the key, "
+        "as Java and kafka-python partition) is forwarded there and applied there, so a fleet of producers "
+        "with other partitioners (librdkafka's CRC32) still gives each user one state")
     dedup_event_ids: int = _setting(
         32, "worker: event ids kept per user to skip an upstream retry (same event_id, new offset) as a duplicate; "
         "an id older than the last this many is applied again (0: off)", _check_dedup_event_ids)

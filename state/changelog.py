@@ -42,6 +42,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.topics import COMPACTED
 from state.record import RecordError, UserRecord
 from state.store import StateStore
@@ -65,12 +66,13 @@ class Changelog:
     rebuild the states of the partitions it is assigned.
 
     The producer is created on first publish; ``restore`` uses its own short-lived consumer
-    without a group (it assigns partitions, nothing is committed).
+    without a group (it assigns partitions, nothing is committed). Every client is made by
+    ``connection`` (the cluster and its security, handed in by the caller).
     """
 
-    def __init__(self, bootstrap_servers: str, topic: str, *, request_timeout_s: float = 30.0,
+    def __init__(self, connection: KafkaConnection, topic: str, *, request_timeout_s: float = 30.0,
                  compression_type: str | None = None) -> None:
-        self.bootstrap_servers = bootstrap_servers
+        self.connection = connection
         self.topic = topic
         self.compression_type = compression_type  # kafka-python's: None, "gzip", "snappy", "lz4", "zstd"
         self.request_timeout_s = request_timeout_s
@@ -85,14 +87,13 @@ class Changelog:
         was); one with more is left alone; one that is not compacted is an error (it would
         delete states after its retention time).
         """
-        from kafka import KafkaAdminClient
         from kafka.admin import ConfigResource, ConfigResourceType
         from kafka.errors import TopicAlreadyExistsError
 
         if partitions < 1:
             raise ValueError(f"partitions must be >= 1, got {partitions}")
         timeout_ms = int(self.request_timeout_s * 1000)
-        admin = KafkaAdminClient(bootstrap_servers=self.bootstrap_servers, request_timeout_ms=timeout_ms)
+        admin = self.connection.admin(request_timeout_ms=timeout_ms)
         try:
             try:
                 admin.create_topics(
@@ -151,10 +152,7 @@ class Changelog:
 
     def _get_producer(self):
         if self._producer is None:
-            from kafka import KafkaProducer
-
-            self._producer = KafkaProducer(
-                bootstrap_servers=self.bootstrap_servers,
+            self._producer = self.connection.producer(
                 acks="all",
                 enable_idempotence=True,
                 # A 17 KB state exceeds the default 16 KB batch: batch per partition up to
@@ -184,15 +182,14 @@ class Changelog:
         Raises ChangelogError if a partition does not exist, a value is not a UserRecord, or
         the end is not reached within ``timeout_s`` seconds.
         """
-        from kafka import KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
 
         wanted = sorted(set(partitions))
         counts = {p: 0 for p in wanted}
         if not wanted:
             return counts
         deadline = time.monotonic() + timeout_s
-        consumer = KafkaConsumer(
-            bootstrap_servers=self.bootstrap_servers,
+        consumer = self.connection.consumer(
             group_id=None,
             enable_auto_commit=False,
             auto_offset_reset="earliest",

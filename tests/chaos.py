@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 from linrec_stream.broker.broker import LocalBroker, _alive
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.events import Interaction, EventSchema, Recommendation, Rejected, Source, encode_event, parse_event
 from linrec_stream.settings import Settings
 from state.changelog import Changelog
@@ -169,11 +170,9 @@ def poison_messages(user: str) -> list[tuple[bytes | None, bytes]]:
 def produce_poison(stream: Stream, users: list[str]) -> Counter:
     """Send the poison messages for ``users``; records each expected reason (parse_event's) in
     ``stream.malformed`` by where it landed. Returns the reasons produced."""
-    from kafka import KafkaProducer
-
     s = stream.settings
     limits = EventSchema.from_settings(s)
-    producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, linger_ms=10, max_request_size=1_048_576)
+    producer = KafkaConnection.from_settings(s).producer(linger_ms=10, max_request_size=1_048_576)
     sent = []
     for user in users:
         for key, value in poison_messages(user):
@@ -368,7 +367,7 @@ class Soak:
     def catch_up(self, timeout: float) -> bool:
         """Until the group's committed offsets stand at the end of every partition (for 3 s).
         The broker may have just come back: its answers are asked for again until it gives them."""
-        from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+        from kafka import TopicPartition
         from kafka.errors import KafkaError
 
         s = self.stream.settings
@@ -380,8 +379,8 @@ class Soak:
             while time.monotonic() < deadline:
                 self.check_crashes()
                 try:
-                    consumer = consumer or KafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None)
-                    admin = admin or KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
+                    consumer = consumer or KafkaConnection.from_settings(s).consumer(group_id=None)
+                    admin = admin or KafkaConnection.from_settings(s).admin()
                     end = end or consumer.end_offsets(tps)
                     committed = admin.list_group_offsets(s.worker_group).get(s.worker_group, {})
                 except KafkaError:  # e.g. CoordinatorLoadInProgressError right after a restart
@@ -420,8 +419,9 @@ class Soak:
         stream, r = self.stream, self.report
         fresh = StateStore(self.tmp / "recovered")
         try:
-            Changelog(stream.settings.bootstrap_servers, stream.settings.topic_state_changelog).restore(
-                fresh, range(PARTITIONS))
+            connection = KafkaConnection.from_settings(stream.settings)
+            changelog = Changelog(connection, stream.settings.topic_state_changelog)
+            changelog.restore(fresh, range(PARTITIONS))
             records = {rec.user: rec for rec in fresh.records()}
         finally:
             fresh.close()

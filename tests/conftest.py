@@ -49,9 +49,9 @@ def broker(settings: Settings):
 
 
 def _topic_names(settings: Settings) -> set[str]:
-    from kafka import KafkaAdminClient
+    from linrec_stream.clients.connection import KafkaConnection
 
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = KafkaConnection.from_settings(settings).admin()
     try:
         return set(admin.list_topics())
     finally:
@@ -59,11 +59,11 @@ def _topic_names(settings: Settings) -> set[str]:
 
 
 def _delete_topics(settings: Settings, names: set[str]) -> None:
-    from kafka import KafkaAdminClient
+    from linrec_stream.clients.connection import KafkaConnection
 
     if not names:
         return
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = KafkaConnection.from_settings(settings).admin()
     try:
         admin.delete_topics(sorted(names), timeout_ms=30_000)
     except Exception as exc:  # cleaning up must not fail the run

@@ -111,9 +111,9 @@ def wait(proc: subprocess.Popen, timeout: float = 240) -> None:
 
 def read_topic(settings: Settings, topic: str, timeout_s: float = 10.0) -> list:
     """Every record of ``topic`` from the beginning (no consumer group)."""
-    from kafka import KafkaConsumer
+    from linrec_stream.clients.connection import KafkaConnection
 
-    consumer = KafkaConsumer(topic, bootstrap_servers=settings.bootstrap_servers, auto_offset_reset="earliest",
+    consumer = KafkaConnection.from_settings(settings).consumer(topic, auto_offset_reset="earliest",
                              enable_auto_commit=False, group_id=None, consumer_timeout_ms=int(timeout_s * 1000))
     records = list(consumer)
     consumer.close()
@@ -133,10 +133,12 @@ class FakeProducer:
 
     def __init__(self, calls: list, fail: bool = False) -> None:
         self.calls, self.fail, self.sent = calls, fail, []
+        self.sent_to: list[tuple[int | None, int | None]] = []  # (partition, timestamp_ms) of each send
 
-    def send(self, topic, value=None, key=None, headers=None):
+    def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
         self.sent.append((topic, key, value, list(headers or [])))
         self.calls.append(("send", topic))
+        self.sent_to.append((partition, timestamp_ms))
 
     def flush(self) -> None:
         if self.fail:

@@ -76,7 +76,7 @@ def test_retrain_trains_the_default_architecture_without_a_parent():
 # --- the recommendations reader ------------------------------------------------------------------
 @pytest.mark.kafka
 def test_recommendation_reader_and_recs_tail_read_what_was_produced(broker: Settings):
-    from kafka import KafkaProducer
+    from linrec_stream.clients.connection import KafkaConnection
 
     from linrec_stream.broker.topics import create_topics, delete_topics, private_env
     from linrec_stream.clients.recommendations import RecommendationReader
@@ -89,7 +89,7 @@ def test_recommendation_reader_and_recs_tail_read_what_was_produced(broker: Sett
     try:
         recs = [Recommendation(f"u{k}", ["a", "b"], [0.5, 0.25], "0123456789abcdef", Source("in", 0, k, 1000 + k),
                                None, 1.0 + k, 2.0 + k) for k in range(3)]
-        producer = KafkaProducer(bootstrap_servers=broker.bootstrap_servers)
+        producer = KafkaConnection.from_settings(broker).producer()
         for rec in recs:
             producer.send(settings.topic_recommendations, key=rec.user.encode(), value=rec.to_bytes())
         producer.flush()

@@ -66,9 +66,9 @@ def cycle_events(users: int, length: int, items: list[str], seed: int, prefix: s
 
 def produce(settings: Settings, events: list[Event], malformed: list[tuple[bytes, bytes]] = ()) -> None:
     """Produce ``events`` (in order, keyed by user) and ``malformed`` (key, value) messages."""
-    from kafka import KafkaProducer
+    from linrec_stream.clients.connection import KafkaConnection
 
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=10, acks="all")
+    producer = KafkaConnection.from_settings(settings).producer(linger_ms=10, acks="all")
     futures = [producer.send(settings.topic_interactions, key=k, value=v)
                for k, v in (encode_event(u, i, t) for u, i, t in events)]
     futures += [producer.send(settings.topic_interactions, key=k, value=v) for k, v in malformed]
@@ -80,10 +80,10 @@ def produce(settings: Settings, events: list[Event], malformed: list[tuple[bytes
 
 def announcements(settings: Settings) -> list[Announcement]:
     """Everything on the model-updates topic, oldest first (read to its end offset)."""
-    from kafka import KafkaConsumer
+    from linrec_stream.clients.connection import KafkaConnection
     from kafka.structs import TopicPartition
 
-    c = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False)
+    c = KafkaConnection.from_settings(settings).consumer(group_id=None, enable_auto_commit=False)
     try:
         tp = TopicPartition(settings.topic_model_updates, 0)
         c.assign([tp])

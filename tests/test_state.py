@@ -434,12 +434,12 @@ def test_commit_is_one_synced_wal_write(tmp_path: Path):
 
 @pytest.fixture
 def changelog(broker: Settings):
-    from kafka import KafkaAdminClient
+    from linrec_stream.clients.connection import KafkaConnection
 
-    cl = Changelog(broker.bootstrap_servers, f"test-state-changelog-{uuid.uuid4().hex[:8]}")
+    cl = Changelog(KafkaConnection.from_settings(broker), f"test-state-changelog-{uuid.uuid4().hex[:8]}")
     yield cl
     cl.close()
-    admin = KafkaAdminClient(bootstrap_servers=broker.bootstrap_servers)
+    admin = KafkaConnection.from_settings(broker).admin()
     try:  # leave the shared broker as we found it
         mine = [t for t in admin.list_topics() if t.startswith(cl.topic)]
         if mine:
@@ -450,14 +450,13 @@ def changelog(broker: Settings):
 
 @pytest.mark.kafka
 def test_ensure_topic_is_idempotent_compacted_and_grows(changelog: Changelog):
-    from kafka import KafkaAdminClient
     from kafka.admin import ConfigResource, ConfigResourceType
 
     changelog.ensure_topic(2)
     changelog.ensure_topic(2)
     changelog.ensure_topic(3)  # the interactions topic grew
     changelog.ensure_topic(1)  # never shrinks
-    admin = KafkaAdminClient(bootstrap_servers=changelog.bootstrap_servers)
+    admin = changelog.connection.admin()
     try:
         assert len(admin.describe_topics([changelog.topic])[0]["partitions"]) == 3
         cfg = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, changelog.topic, {"cleanup.policy": None})])
@@ -468,7 +467,7 @@ def test_ensure_topic_is_idempotent_compacted_and_grows(changelog: Changelog):
     finally:
         admin.close()
     with pytest.raises(ChangelogError, match="compact"):
-        Changelog(changelog.bootstrap_servers, plain).ensure_topic(1)
+        Changelog(changelog.connection, plain).ensure_topic(1)
 
 
 @pytest.mark.kafka

@@ -102,10 +102,10 @@ def live(broker: Settings, tmp_path: Path, request: pytest.FixtureRequest) -> Li
 
 def produce(live: Live, events: int, users: int, seed: int, rate: float | None = None) -> None:
     """Send ``events`` valid events (at ``rate`` per second if given) and record what was sent."""
-    from kafka import KafkaProducer
+    from linrec_stream.clients.connection import KafkaConnection
 
     rng = random.Random(seed)
-    producer = KafkaProducer(bootstrap_servers=live.settings.bootstrap_servers, linger_ms=5)
+    producer = KafkaConnection.from_settings(live.settings).producer(linger_ms=5)
     futures = []
     t0 = time.monotonic()
     for i in range(events):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +36,7 @@ class Message:
     timestamp: int
     key: bytes | None
     value: bytes | None
+    headers: list = field(default_factory=list)
 
 
 class FakeConsumer:
@@ -78,6 +79,9 @@ class FakeConsumer:
     def commit(self, next_offsets) -> None:
         self.group.update(next_offsets)
         self.calls.append(("group", dict(next_offsets)))
+
+    def partition_count(self) -> int:
+        return len(self.log)
 
     def lag(self) -> dict[int, int]:
         return {p: len(self.log[p]) - pos for p, pos in self.positions.items()}
@@ -124,18 +128,70 @@ class FakeFollower:
 
 def run_worker(state_dir: Path, log: dict, group: dict, model: ServingModel, batch_size: int = 4,
                registry: ModelRegistry | None = None, announce: Announcement | None = None,
-               apply: Callable = apply_batch) -> Run:
+               apply: Callable = apply_batch, repartition: bool = False, producer: FakeProducer | None = None) -> Run:
+    """One worker run over ``log`` until idle. The logs here place users on partitions at will,
+    so forwarding to the home partition is off unless a test asks for it (``repartition``)."""
     calls: list = []
     settings = Settings.load(env={}).replace(topic_interactions=TOPIC, metrics_port=0, summary_every_s=0.05,
-                                             top_k=3)
+                                             top_k=3, repartition=repartition)
     options = WorkerOptions(None, state_dir, batch_size=batch_size, batch_ms=5, apply=apply)
-    consumer, producer, changelog = FakeConsumer(log, group, calls), FakeProducer(calls), FakeChangelog(calls)
+    consumer, changelog = FakeConsumer(log, group, calls), FakeChangelog(calls)
+    producer = producer or FakeProducer(calls)
+    producer.calls = calls
     parts = WorkerParts(consumer, producer, StateStore(state_dir, sync=False), changelog, model,
                         metrics=WorkerMetrics(), registry=registry,
                         follower=FakeFollower(consumer, announce) if announce else None)
     worker = StreamWorker(settings, options, parts)
     worker.run(idle_exit_s=0.3)
     return Run(worker, consumer, producer, changelog, calls)
+
+
+class LoopingProducer(FakeProducer):
+    """A producer whose sends to the interactions topic land in ``log`` (the worker's forwards)."""
+
+    def __init__(self, log: dict[int, list[Message]]) -> None:
+        super().__init__([])
+        self.log = log
+
+    def send(self, topic, value=None, key=None, headers=None, partition=None, timestamp_ms=None):
+        super().send(topic, value, key, headers, partition, timestamp_ms)
+        if topic == TOPIC:
+            part = self.log[partition]
+            part.append(Message(TOPIC, partition, len(part), timestamp_ms, key, value, list(headers or [])))
+
+
+def test_events_on_a_foreign_partition_are_forwarded_home_and_applied_there_once(tmp_path: Path):
+    from linrec_stream.contracts.topics import FORWARDED_FROM, home_partition
+
+    # Producers with another partitioner put users on any partition: every event ends up
+    # applied on its user's home partition, in one state, and a forward repeated (a crash
+    # before the store commit) is skipped as a retry of the forwarded id.
+    log: dict[int, list[Message]] = {0: [], 1: [], 2: []}
+    users = [f"u{k}" for k in range(6)]
+    for k in range(30):
+        append(log, k % 3, users[k % 6], f"i{k % NUM_ITEMS + 1}")
+    foreign = sum(1 for p, msgs in log.items() for m in msgs if home_partition(m.key, 3) != p)
+    assert foreign > 5  # the test means something
+    producer = LoopingProducer(log)
+    first = run_worker(tmp_path / "state", log, {}, tiny_serving(0, NUM_ITEMS), repartition=True, producer=producer)
+    assert first.worker.metrics.totals["forwarded"] == foreign
+    forwarded = [m for msgs in log.values() for m in msgs if m.headers]
+    assert len(forwarded) == foreign
+    assert all(dict(m.headers)[FORWARDED_FROM].count(b"/") == 1 and m.timestamp == 1_700_000_000_000
+               for m in forwarded)
+    with StateStore(tmp_path / "state") as store:
+        records = {r.user: r for r in store.records()}
+    assert {u: r.events for u, r in records.items()} == {u: 5 for u in users}
+    assert all(r.partition == home_partition(u.encode(), 3) for u, r in records.items())
+    # The same forwarded copies again, as after a crash between the forward and the commit.
+    for m in forwarded:
+        part = log[m.partition]
+        part.append(Message(TOPIC, m.partition, len(part), m.timestamp, m.key, m.value, m.headers))
+    again = run_worker(tmp_path / "state", log, {}, tiny_serving(0, NUM_ITEMS), repartition=True,
+                       producer=LoopingProducer(log))
+    assert again.worker.metrics.totals["duplicates"] == foreign and again.worker.metrics.totals["events"] == 0
+    with StateStore(tmp_path / "state") as store:
+        assert {r.user: r.events for r in store.records()} == {u: 5 for u in users}
 
 
 def sent(run: Run, topic: str) -> list:

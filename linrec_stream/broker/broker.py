@@ -3,6 +3,9 @@
 The broker is a background JVM started from the jars that :mod:`artifacts` fetched. Its
 data, logs and pid file live under ``<runtime_dir>/kafka``, so each checkout has its own
 broker state. ``start`` returns only once the broker answers an admin request.
+
+By default the broker speaks PLAINTEXT; ``start(secure=True)`` makes it the SASL_SSL broker with
+users and ACLs of :mod:`secure`. A data directory keeps the mode it was formatted in.
 """
 
 from __future__ import annotations
@@ -23,7 +26,9 @@ from pathlib import Path
 from typing import Callable
 
 from linrec_stream.broker import artifacts
+from linrec_stream.broker import secure as secure_broker
 from linrec_stream.broker.errors import KafkaSetupError
+from linrec_stream.broker.secure import SecurePaths
 from linrec_stream.settings import Settings
 
 MIN_JAVA = 17
@@ -84,11 +89,20 @@ class BrokerStatus:
     pid: int | None
     bootstrap: str
     root: Path
+    #: The client settings file of a broker whose storage was formatted secure (None: plaintext).
+    client_config: Path | None = None
+
+    @property
+    def secure(self) -> bool:
+        return self.client_config is not None
 
     def describe(self) -> str:
+        how = " over SASL_SSL" if self.secure else ""
         if self.running:
-            return f"Kafka broker running at {self.bootstrap} (pid {self.pid}, files in {self.root})"
-        return f"Kafka broker not running (would listen on {self.bootstrap}, files in {self.root})"
+            line = f"Kafka broker running at {self.bootstrap}{how} (pid {self.pid}, files in {self.root})"
+        else:
+            line = f"Kafka broker not running (would listen on {self.bootstrap}{how}, files in {self.root})"
+        return line + (f"; client settings: --config {self.client_config}" if self.secure else "")
 
 
 @dataclass(frozen=True)
@@ -112,12 +126,21 @@ class LocalBroker:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.paths = BrokerPaths(settings.path(settings.runtime_dir) / "kafka")
+        self.secure_paths = SecurePaths(self.paths.root)
         self.bootstrap = settings.local_bootstrap
 
     # --- inspection ---------------------------------------------------------------------
     def status(self) -> BrokerStatus:
         pid = self._live_pid()
-        return BrokerStatus(pid is not None, pid, self.bootstrap, self.paths.root)
+        client = self.secure_paths.client_config(secure_broker.COMPONENTS) if self.is_secure() else None
+        return BrokerStatus(pid is not None, pid, self.bootstrap, self.paths.root, client)
+
+    def is_secure(self) -> bool:
+        """Whether the storage was formatted for the secure broker (its SCRAM users exist)."""
+        return self.secure_paths.marker.exists() and self._formatted()
+
+    def _formatted(self) -> bool:
+        return (self.paths.data / "meta.properties").exists()
 
     def _live_pid(self) -> int | None:
         try:
@@ -127,12 +150,18 @@ class LocalBroker:
         return pid if _is_broker_process(pid) else None
 
     # --- start --------------------------------------------------------------------------
-    def start(self, log: Callable[[str], None] = print) -> StartResult:
-        """Start the broker unless it runs already; block until it answers or fail with one line."""
+    def start(self, log: Callable[[str], None] = print, secure: bool = False) -> StartResult:
+        """Start the broker unless it runs already; block until it answers or fail with one line.
+
+        ``secure``: the SASL_SSL broker of :mod:`secure` (a new data directory is formatted for
+        it). Without it, an existing data directory starts in the mode it was formatted in, a new
+        one plaintext."""
         t0 = time.monotonic()
         current = self.status()
+        self._check_mode(secure, current)
         if current.running:
             return StartResult(True, current, 0.0)
+        secure = secure or current.secure
         java = find_java()
         lib = artifacts.ensure_broker_jars(self.settings.kafka_cache_dir, self.settings.kafka_version, log=log)
         for port in (self.settings.kafka_port, self.settings.kafka_controller_port):
@@ -141,29 +170,60 @@ class LocalBroker:
                     f"port {port} on 127.0.0.1 is in use by another process: stop it or choose another "
                     f"port (LINREC_KAFKA_PORT / LINREC_KAFKA_CONTROLLER_PORT)"
                 )
-        self._write_config()
-        formatted = self._format_if_new(java, lib)
+        passwords: dict[str, str] = {}
+        if secure:
+            secure_broker.ensure_tls(self.secure_paths.tls)
+            passwords = secure_broker.ensure_passwords(self.secure_paths)
+        self._write_config(passwords)
+        formatted = self._format_if_new(java, lib, passwords)
         proc = self._launch(java, lib)
         try:
             self._wait_ready(proc, deadline=t0 + self.settings.kafka_start_timeout_s)
+            if passwords:
+                # Every start, so ACLs follow the topic names of the settings it starts with.
+                secure_broker.apply_acls(self._probe_settings(), self.settings)
+                secure_broker.write_client_configs(self.settings, self.secure_paths)
         except BaseException:
             _terminate(proc.pid, timeout=5.0)
             self.paths.pid_file.unlink(missing_ok=True)
             raise
         return StartResult(False, self.status(), time.monotonic() - t0, formatted)
 
-    def _write_config(self) -> None:
+    def _check_mode(self, secure: bool, current: BrokerStatus) -> None:
+        """Refuse ``--secure`` for a plaintext data directory (it has no SCRAM users, which
+        exist only from formatting on), in one line that says what to do."""
+        if not secure or current.secure or not (current.running or self._formatted()):
+            return
+        raise KafkaSetupError(
+            f"the broker in {self.paths.root} is {'running' if current.running else 'formatted'} without "
+            f"security, so it has no users: start it without --secure, or stop it and delete {self.paths.data} "
+            f"(its topics go with it) or choose another runtime_dir to start a secure one"
+        )
+
+    def _probe_settings(self) -> Settings:
+        """How this process reaches its own broker: the secure one as its admin user."""
+        if self.is_secure():
+            return secure_broker.as_settings(self.settings, self.secure_paths, secure_broker.ADMIN)
+        return self.settings.replace(bootstrap_servers=self.bootstrap, security_protocol="PLAINTEXT")
+
+    def _write_config(self, passwords: dict[str, str]) -> None:
+        """server.properties (with the secure overlay when ``passwords`` are given: then mode
+        0600, as it holds the admin password) and the log configuration."""
         p = self.paths
         for d in (p.data, p.logs):
             d.mkdir(parents=True, exist_ok=True)
         pkg = resources.files("linrec_stream.broker")
+        props = pkg.joinpath("server.properties").read_text()
+        if passwords:
+            overlay = secure_broker.broker_properties(pkg.joinpath("secure.properties").read_text(),
+                                               self.secure_paths, passwords)
+            props = secure_broker.merge_properties(props, overlay)
         props = (
-            pkg.joinpath("server.properties").read_text()
-            .replace("@PORT@", str(self.settings.kafka_port))
+            props.replace("@PORT@", str(self.settings.kafka_port))
             .replace("@CONTROLLER_PORT@", str(self.settings.kafka_controller_port))
             .replace("@DATA_DIR@", str(p.data))
         )
-        p.properties.write_text(props)
+        secure_broker.write_private(p.properties, props)
         p.log4j_config.write_text(pkg.joinpath("log4j2.xml").read_text())
 
     def _java_base(self, java: str, lib: Path) -> list[str]:
@@ -180,15 +240,29 @@ class LocalBroker:
             f"{lib}/*",
         ]
 
-    def _format_if_new(self, java: str, lib: Path) -> bool:
-        if (self.paths.data / "meta.properties").exists():
+    def _format_if_new(self, java: str, lib: Path, passwords: dict[str, str]) -> bool:
+        """Format a new data directory; with ``passwords``, for the secure broker: its SCRAM
+        users are written into the metadata log, and the marker says it is secure."""
+        if self._formatted():
             return False
-        cmd = self._java_base(java, lib) + [
+        args = self._java_base(java, lib)[1:] + [
             "kafka.tools.StorageTool", "format", "--standalone",
             "-t", new_cluster_id(), "-c", str(self.paths.properties),
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
+        ] + (secure_broker.scram_format_args(passwords) if passwords else [])
+        # The arguments go in a java @argfile (mode 0600, removed after), so that the passwords
+        # never appear in a process listing.
+        argfile = self.paths.root / "format.args"
+        secure_broker.write_private(argfile, "\n".join(_argfile_quote(a) for a in args) + "\n")
+        try:
+            proc = subprocess.run([java, f"@{argfile}"], capture_output=True, text=True)
+        finally:
+            argfile.unlink(missing_ok=True)
+        if proc.returncode == 0:
+            if passwords:
+                self.secure_paths.marker.write_text("SASL_SSL\n")
+            else:
+                self.secure_paths.marker.unlink(missing_ok=True)
+        else:
             raise KafkaSetupError(
                 f"formatting the broker's storage in {self.paths.data} failed (exit {proc.returncode})",
                 detail=_tail_text(proc.stdout + proc.stderr),
@@ -219,7 +293,8 @@ class LocalBroker:
                     f"{self.settings.kafka_start_timeout_s:g}s (LINREC_KAFKA_START_TIMEOUT_S)",
                     detail=self.log_tail(),
                 )
-            if port_is_open(self.settings.kafka_port) and broker_answers(self.bootstrap, timeout_s=min(5.0, remaining)):
+            if port_is_open(self.settings.kafka_port) and broker_answers(self._probe_settings(),
+                                                                         timeout_s=min(5.0, remaining)):
                 return
             time.sleep(0.25)
 
@@ -279,9 +354,10 @@ def port_is_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def broker_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
-    """True when the broker answers a DescribeCluster admin request (an open port is not enough)."""
-    from kafka import KafkaAdminClient
+def broker_answers(settings: Settings, timeout_s: float = 5.0) -> bool:
+    """True when the broker of ``settings`` (its bootstrap servers and security) answers a
+    DescribeCluster admin request (an open port is not enough)."""
+    from linrec_stream.clients.connection import KafkaConnection
 
     quiet = logging.getLogger("kafka")
     level = quiet.level
@@ -289,7 +365,7 @@ def broker_answers(bootstrap: str, timeout_s: float = 5.0) -> bool:
     admin = None
     try:
         ms = int(timeout_s * 1000)
-        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ms, bootstrap_timeout_ms=ms)
+        admin = KafkaConnection.from_settings(settings).admin(request_timeout_ms=ms, bootstrap_timeout_ms=ms)
         info = admin.describe_cluster()
         return bool(info.get("brokers"))
     except Exception:
@@ -352,6 +428,11 @@ def _alive(pid: int) -> bool:
         return state != "Z"
     except OSError:
         return False
+
+
+def _argfile_quote(arg: str) -> str:
+    """``arg`` as one argument of a java @argfile: in double quotes, backslash escaped."""
+    return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _tail_text(text: str, lines: int = 15) -> str:

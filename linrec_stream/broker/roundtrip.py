@@ -6,6 +6,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.settings import Settings
 
 
@@ -43,23 +44,22 @@ class RoundTrip:
 
 def roundtrip(settings: Settings, messages: int = 10_000, partitions: int = 3, timeout_s: float = 60.0) -> RoundTrip:
     """Produce ``messages`` keyed messages to a fresh topic, consume them all back, delete the topic."""
-    from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
     from kafka.admin import NewTopic
 
+    connection = KafkaConnection.from_settings(settings)
     topic = f"linrec-roundtrip-{uuid.uuid4().hex[:8]}"
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers)
+    admin = connection.admin()
     admin.create_topics([NewTopic(topic, partitions, 1)])
     try:
         t0 = time.monotonic()
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=5)
+        producer = connection.producer(linger_ms=5)
         for i in range(messages):
             producer.send(topic, key=f"user-{i % 97}".encode(), value=f"msg:{i}".encode())
         producer.flush()
         producer.close()
         produce_s = time.monotonic() - t0
-        consumer = KafkaConsumer(
+        consumer = connection.consumer(
             topic,
-            bootstrap_servers=settings.bootstrap_servers,
             group_id=f"{topic}-reader",
             auto_offset_reset="earliest",
             enable_auto_commit=False,

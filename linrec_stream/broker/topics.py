@@ -6,8 +6,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable
 
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.topics import Topic, project_topics
-
 from linrec_stream.settings import Settings
 
 
@@ -21,12 +21,11 @@ class TopicOutcome:
 def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[TopicOutcome]:
     """Create every project topic (``contracts.topics.project_topics``) that does not exist;
     leave existing ones untouched."""
-    from kafka import KafkaAdminClient
     from kafka.admin import NewTopic
     from kafka.errors import TopicAlreadyExistsError
 
     topics = project_topics(settings)
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
+    admin = KafkaConnection.from_settings(settings).admin(request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = set(admin.list_topics())
         created: set[str] = set()
@@ -48,10 +47,8 @@ def create_topics(settings: Settings, timeout_s: float = 30.0) -> list[TopicOutc
 def delete_topics(settings: Settings, topics: Iterable[Topic], timeout_s: float = 30.0) -> list[str]:
     """Delete those of ``topics`` that exist and wait until the broker no longer lists them;
     returns the names deleted."""
-    from kafka import KafkaAdminClient
-
     names = {t.name for t in topics}
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, request_timeout_ms=int(timeout_s * 1000))
+    admin = KafkaConnection.from_settings(settings).admin(request_timeout_ms=int(timeout_s * 1000))
     try:
         existing = sorted(names & set(admin.list_topics()))
         if existing:

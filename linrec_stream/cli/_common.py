@@ -42,14 +42,25 @@ class Parser(argparse.ArgumentParser):
 def common_options() -> argparse.ArgumentParser:
     """The settings options of every command, as a parent parser (``parents=[common]``)."""
     p = Parser(add_help=False)
+    add_settings_options(p)
+    return p
+
+
+#: Where the top-level parser keeps the settings options given before the command
+#: (``linrec-stream --config F quickstart``); a command's own come after it and win.
+TOP = "top_"
+
+
+def add_settings_options(p: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--config``, ``--bootstrap-servers`` and ``--set`` on ``p``, stored under ``prefix``."""
     g = p.add_argument_group("settings")
-    g.add_argument("--config", metavar="PATH", help="TOML settings file (else $LINREC_CONFIG)")
-    g.add_argument("--bootstrap-servers", metavar="HOST:PORT", help="Kafka bootstrap servers")
+    g.add_argument("--config", dest=f"{prefix}config", metavar="PATH", help="TOML settings file (else $LINREC_CONFIG)")
+    g.add_argument("--bootstrap-servers", dest=f"{prefix}bootstrap_servers", metavar="HOST:PORT",
+                   help="Kafka bootstrap servers")
     g.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="NAME=VALUE",
+        "--set", dest=f"{prefix}overrides", action="append", default=[], metavar="NAME=VALUE",
         help="override any setting (repeatable); see `linrec-stream settings`",
     )
-    return p
 
 
 def add_group(subparsers: Subparsers, name: str, help: str) -> Subparsers:
@@ -70,14 +81,17 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     """The effective settings: defaults, file, ``LINREC_*`` environment, then ``--set`` and
     ``--bootstrap-servers``. Raises SettingsError (a usage error) on a bad name or value."""
     overrides: dict[str, str] = {}
-    for item in args.overrides:
+    for item in [*getattr(args, f"{TOP}overrides", []), *args.overrides]:
         name, sep, value = item.partition("=")
         if not sep or not name:
             raise SettingsError(f"--set {item!r}: expected NAME=VALUE")
         overrides[name.strip().replace("-", "_")] = value
-    if args.bootstrap_servers is not None:  # "" too: refused by the setting's check
-        overrides["bootstrap_servers"] = args.bootstrap_servers
-    return Settings.load(config_file=args.config, overrides=overrides)
+    servers = args.bootstrap_servers if args.bootstrap_servers is not None else \
+        getattr(args, f"{TOP}bootstrap_servers", None)
+    if servers is not None:  # "" too: refused by the setting's check
+        overrides["bootstrap_servers"] = servers
+    config = args.config if args.config is not None else getattr(args, f"{TOP}config", None)
+    return Settings.load(config_file=config, overrides=overrides)
 
 
 def info(msg: str) -> None:

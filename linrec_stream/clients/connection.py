@@ -11,11 +11,15 @@ of each client library the project uses, one adapter per library:
   with ``broker_credentials`` (``faust.SASLCredentials`` / ``faust.SSLCredentials``, which carry
   an ``ssl.SSLContext`` made by :meth:`~KafkaConnection.ssl_context`).
 
-Nothing else in the project constructs a Kafka client (tests/test_security.py checks the source),
+Nothing else in the project constructs a Kafka client (tests/test_connection.py checks the source),
 so a setting such as ``security_protocol = "SASL_SSL"`` reaches the worker, the replay, the
 archive, the admin work and ``recs tail`` alike. The password is read from
 ``sasl_password_file`` when ``sasl_password`` is empty; it is held here and never printed
 (``repr`` masks it).
+
+A client that the cluster refuses (a wrong password, an untrusted certificate) raises
+:class:`~linrec_stream.clients.refusal.KafkaRefusal`, one line naming the cause, rather than the
+timeout kafka-python would raise after retrying (linrec_stream/clients/refusal.py).
 """
 
 from __future__ import annotations
@@ -23,9 +27,12 @@ from __future__ import annotations
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
+from linrec_stream.clients.refusal import refusals_seen
 from linrec_stream.settings import MASK, Settings, SettingsError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -114,19 +121,29 @@ class KafkaConnection:
         """A ``kafka.KafkaProducer`` on this connection; ``options`` are the producer's own."""
         from kafka import KafkaProducer
 
-        return KafkaProducer(**self.kafka_python_args(), **options)
+        return self.built(lambda: KafkaProducer(**self.kafka_python_args(), **options))
 
     def consumer(self, *topics: str, **options: Any) -> Any:
         """A ``kafka.KafkaConsumer`` on this connection (subscribed to ``topics`` if any)."""
         from kafka import KafkaConsumer
 
-        return KafkaConsumer(*topics, **self.kafka_python_args(), **options)
+        return self.built(lambda: KafkaConsumer(*topics, **self.kafka_python_args(), **options))
 
     def admin(self, **options: Any) -> Any:
         """A ``kafka.KafkaAdminClient`` on this connection."""
         from kafka import KafkaAdminClient
 
-        return KafkaAdminClient(**self.kafka_python_args(), **options)
+        return self.built(lambda: KafkaAdminClient(**self.kafka_python_args(), **options))
+
+    def built(self, make: Callable[[], T]) -> T:
+        """``make()`` (a client's construction, which bootstraps), raising KafkaRefusal when it
+        fails because the cluster refused us, also where the client itself only says "timeout"."""
+        with refusals_seen(self) as seen:
+            try:
+                return make()
+            except Exception as exc:
+                seen.raise_if_refused(exc)
+                raise
 
     # --- aiokafka / faust-streaming -------------------------------------------------------------
 

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Iterator
 
-from kafka import KafkaConsumer
-
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.events import Recommendation
 from linrec_stream.settings import Settings
 
@@ -44,9 +43,8 @@ class RecommendationReader:
 
     def __init__(self, settings: Settings, from_beginning: bool = False) -> None:
         self.topic = settings.topic_recommendations
-        self._consumer = KafkaConsumer(
-            self.topic, bootstrap_servers=settings.bootstrap_servers,
-            auto_offset_reset="earliest" if from_beginning else "latest",
+        self._consumer = KafkaConnection.from_settings(settings).consumer(
+            self.topic, auto_offset_reset="earliest" if from_beginning else "latest",
             enable_auto_commit=False, group_id=None, isolation_level=settings.isolation_level,
         )
 

@@ -8,6 +8,20 @@ from typing import Mapping
 
 from linrec_stream.settings import Settings
 
+#: Header of an interactions message the worker forwarded to its user's home partition: where
+#: the event was produced, ``"<partition>/<offset>"`` (consumers/worker.py, "Partitioning").
+FORWARDED_FROM = "linrec.forwarded-from"
+
+
+def home_partition(key: bytes, partitions: int) -> int:
+    """The partition a user's events belong to, of ``partitions``: murmur2 of the key made
+    positive, modulo the count: what Java's and kafka-python's default partitioners choose for a
+    keyed record (librdkafka's default, CRC32, often differs)."""
+    from kafka.partitioner.default import murmur2
+
+    return (murmur2(key) & 0x7FFFFFFF) % partitions
+
+
 #: Keep only the newest record per key (user states, the model in force), never delete by age.
 COMPACTED: Mapping[str, str] = {"cleanup.policy": "compact"}
 

@@ -19,6 +19,8 @@ from typing import Callable
 
 import numpy as np
 
+from linrec_stream.clients.connection import KafkaConnection
+from linrec_stream.clients.refusal import refusal
 from linrec_stream.contracts.events import Interaction, EventSchema, Source, parse_event
 from linrec_stream.data import Interactions
 from linrec_stream.settings import Settings
@@ -91,15 +93,15 @@ def read_archive(settings: Settings, log: Log = print, progress: bool = False,
     ``bootstrap_timeout_s``, the topic does not exist, or no message arrives for
     ``stall_timeout_s`` while some are still expected.
     """
-    from kafka import KafkaConsumer
     from kafka.errors import KafkaError
     from kafka.structs import TopicPartition
 
     topic = settings.topic_interactions
+    connection = KafkaConnection.from_settings(settings)
     t0 = time.monotonic()
-    try:
-        consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers, group_id=None, enable_auto_commit=False,
+    try:  # a refused connection raises KafkaRefusal (not a KafkaError): it names its cause itself
+        consumer = connection.consumer(
+            group_id=None, enable_auto_commit=False,
             client_id="linrec-archive", bootstrap_timeout_ms=int(bootstrap_timeout_s * 1000),
             fetch_max_bytes=FETCH_MAX_BYTES, max_partition_fetch_bytes=PARTITION_FETCH_BYTES,
             max_poll_records=POLL_RECORDS, receive_message_max_bytes=2 * FETCH_MAX_BYTES,
@@ -120,8 +122,8 @@ def read_archive(settings: Settings, log: Log = print, progress: bool = False,
         offsets = {tp.partition: (begins[tp], ends[tp]) for tp in tps}
         logs, skipped = _consume(consumer, tps, ends, begins, settings, progress, stall_timeout_s)
     except KafkaError as exc:
-        raise ArchiveError(f"reading topic {topic!r} from {settings.bootstrap_servers} failed: "
-                           f"{type(exc).__name__}: {exc}") from None
+        raise ArchiveError(refusal(exc, connection) or f"reading topic {topic!r} from {settings.bootstrap_servers} "
+                           f"failed: {type(exc).__name__}: {exc}") from None
     finally:
         consumer.close(autocommit=False)
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from linrec_stream.clients.connection import KafkaConnection
 from linrec_stream.contracts.events import EventSchema, encode_event
 from linrec_stream.data import read_interactions
 from linrec_stream.settings import Settings
@@ -69,13 +70,13 @@ def replay(
 ) -> ReplaySummary:
     """Produce the plan's events to ``settings``' cluster, in its message contract (field names,
     time unit); returns what was sent. Event ids are ``<file>:<row>``."""
-    from kafka import KafkaProducer
     from tqdm import tqdm
 
     users, items, ts = ordered_events(plan, skip_malformed)
     schema = EventSchema.from_settings(settings)
-    producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, linger_ms=20, batch_size=256 * 1024)
+    producer = KafkaConnection.from_settings(settings).producer(linger_ms=20, batch_size=256 * 1024)
     sent, interrupted = 0, False
+    failures = _Failures()
     t0 = time.monotonic()
     bar = tqdm(total=len(ts), unit="ev", desc="replay", disable=not progress, smoothing=0.1)
     stem = plan.path.stem
@@ -87,7 +88,7 @@ def replay(
                 _sleep_until(t0 + (ts[i] - ts[0]) / plan.speed)
             key, value = encode_event(str(users[i]), str(items[i]), float(ts[i]),
                                       f"{stem}:{i}" if event_ids else None, schema)
-            producer.send(plan.topic, key=key, value=value)
+            producer.send(plan.topic, key=key, value=value).add_errback(failures.note)
             sent += 1
             if sent % 1000 == 0:
                 bar.update(1000)
@@ -100,8 +101,28 @@ def replay(
         producer.flush()
         producer.close()
         bar.close()
+    if failures.count:
+        # kafka-python's flush returns when every send is done, delivered or not: say which.
+        raise ReplayError(f"{failures.count:,} of {sent:,} events were not delivered to {plan.topic}: "
+                          f"{type(failures.first).__name__}: {failures.first}") from failures.first
     return ReplaySummary(sent, time.monotonic() - t0, float(ts[0]) if sent else None,
                          float(ts[sent - 1]) if sent else None, interrupted)
+
+
+class ReplayError(RuntimeError):
+    """Events the cluster did not take (its cause chained: a refusal reads as one line)."""
+
+
+class _Failures:
+    """Counts failed sends (a future's errback) and keeps the first error."""
+
+    def __init__(self) -> None:
+        self.count, self.first = 0, None
+
+    def note(self, exc: BaseException) -> None:
+        self.count += 1
+        if self.first is None:
+            self.first = exc
 
 
 def _sleep_until(deadline: float) -> None:
