@@ -8,6 +8,7 @@ expensive part. The refusals that wait out a client's bootstrap timeout run side
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from linrec_stream.broker.secure import ensure_tls
-from linrec_stream.settings import Settings
+from linrec_stream.settings import WORKER_ENGINES, Settings
 from tests.conftest import free_port, run_cli
 
 pytestmark = pytest.mark.kafka
@@ -217,25 +218,32 @@ def tiny_model(where: Path) -> Path:
     return write_run(where / "model", LinRecModel(cfg).eval(), item_vocab(20))
 
 
-def test_worker_end_to_end_over_sasl_ssl(secure: SecureBroker, tmp_path: Path):
+@pytest.mark.parametrize("engine", WORKER_ENGINES)
+def test_worker_end_to_end_over_sasl_ssl(secure: SecureBroker, tmp_path: Path, engine: str):
     # Topics, a replay, a worker and `recs tail`, each with the client settings file alone: the
-    # components as linrec, the tail as the read-only reader.
+    # components as linrec, the tail as the read-only reader. On both engines: faust's app
+    # (aiokafka) takes the credentials and the TLS context its own way.
     from tests.helpers import start_worker_args
 
     model_dir = tiny_model(tmp_path)
     users = [f"u{n}" for n in range(6)]
-    log = tmp_path / "log.csv"
+    log = tmp_path / f"log-{engine}.csv"  # its own event ids (<file>:<row>): not retries of the other run's
     log.write_text("user,item,timestamp\n" + "".join(f"{u},i{1 + (k + n) % 20},{1_000_000_000 + 10 * k + n}\n"
                                                     for k in range(5) for n, u in enumerate(users)))
     assert secure.cli("topics", "create").returncode == 0
     replayed = secure.cli("replay", "--data", str(log), "--no-progress")
     assert replayed.returncode == 0 and "replayed 30 events" in replayed.stdout, replayed.stderr
     worker = subprocess.run(start_worker_args(tmp_path / "state", 4, 64, model_dir)
-                            + ["--config", str(secure.config()), "--set", "metrics_port=0"],
+                            + ["--config", str(secure.config()), "--set", "metrics_port=0", "--engine", engine,
+                               "--set", "summary_every_s=0.5"],
                             capture_output=True, text=True, timeout=180)
     secure.outputs += [worker.stdout, worker.stderr]
     assert worker.returncode == 0, worker.stderr[-3000:]
-    tail = secure.cli("recs", "tail", "--from-beginning", "--max", "6", "--timeout", "20", user="reader")
+    log = worker.stdout + worker.stderr
+    assert f"engine {engine}," in log and "over SASL_SSL as linrec" in log, log[-2000:]
+    assert re.search(r"totals: [1-9]", log), log[-2000:]  # it applied events (a new replay's, at least)
+    # Every recommendation so far (a user may have several: one per micro-batch that touched it).
+    tail = secure.cli("recs", "tail", "--from-beginning", "--timeout", "5", user="reader")
     assert tail.returncode == 0, tail.stderr
     assert {line.split(":")[0] for line in tail.stdout.splitlines()} == set(users)
 

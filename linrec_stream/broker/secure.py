@@ -289,13 +289,21 @@ def apply_acls(admin_settings: Settings, settings: Settings) -> int:
     KafkaSetupError (one line) if the broker refuses one."""
     from linrec_stream.clients.connection import KafkaConnection
 
+    from linrec_stream.clients.refusal import KafkaRefusal, refusal
+
     wanted = acls(settings)
-    admin = KafkaConnection.from_settings(admin_settings).admin(request_timeout_ms=30_000)
+    connection = KafkaConnection.from_settings(admin_settings)
+    admin = connection.admin(request_timeout_ms=30_000)
     try:
         result = admin.create_acls(wanted)
     finally:
         admin.close()
     if result["failed"]:
+        error = result["failed"][0]
+        error = error() if isinstance(error, type) else error  # kafka-python lists the error classes
+        line = refusal(error, connection)
+        if line is not None:  # not the admin user: one line saying who was refused
+            raise KafkaRefusal(f"creating {len(wanted)} ACLs: {line}")
         raise KafkaSetupError(f"the broker refused {len(result['failed'])} of {len(wanted)} ACLs: "
-                              f"{result['failed'][0]}")
+                              f"{type(error).__name__}: {error}")
     return len(wanted)
