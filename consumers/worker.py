@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -70,6 +71,7 @@ log = logging.getLogger("linrec.worker")
 
 #: The event id given to a forwarded event that has none: where it was produced (``_route``).
 FORWARDED_ID_PREFIX = "linrec-forwarded:"
+_ORIGIN = re.compile(rb"[0-9]+/[0-9]+")  # FORWARDED_FROM's value, as Checkpoint.add writes it
 
 
 @dataclass(frozen=True)
@@ -359,10 +361,13 @@ class StreamWorker:
         count changed meanwhile). One without ``event_id`` gets the id of where it was produced
         (``FORWARDED_ID_PREFIX``), so a copy forwarded again after a crash, before the store
         commit, is skipped as a retry of that id."""
-        origin = next((v for k, v in (r.headers or ()) if k == FORWARDED_FROM), None)
-        if origin is not None:
-            if ev.event_id is None:
-                return dataclasses.replace(ev, event_id=f"{FORWARDED_ID_PREFIX}{origin.decode('ascii', 'replace')}")
+        forwarded = [v for k, v in (r.headers or ()) if k == FORWARDED_FROM]
+        if forwarded:
+            origin = forwarded[0]
+            # Any producer can set headers: a value that is not "<partition>/<offset>" names no
+            # origin, and the event keeps no id rather than share one with other events.
+            if ev.event_id is None and isinstance(origin, bytes) and _ORIGIN.fullmatch(origin):
+                return dataclasses.replace(ev, event_id=f"{FORWARDED_ID_PREFIX}{origin.decode('ascii')}")
             return ev
         if not self.settings.repartition:
             return ev

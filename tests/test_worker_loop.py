@@ -194,6 +194,22 @@ def test_events_on_a_foreign_partition_are_forwarded_home_and_applied_there_once
         assert {r.user: r.events for r in store.records()} == {u: 5 for u in users}
 
 
+def test_a_forwarded_header_of_any_value_is_applied_where_it_lands(tmp_path: Path):
+    from linrec_stream.contracts.topics import FORWARDED_FROM
+
+    # Headers come from any producer: a null or odd forwarded-from value must not stop the
+    # worker, nor make distinct events look like retries of one another.
+    log: dict[int, list[Message]] = {0: [], 1: []}
+    for k, value in enumerate([None, b"", b"\xff\xfe", None, b"", b"1/x"]):
+        append(log, 0, "u0", f"i{k + 1}")
+        log[0][-1].headers.append((FORWARDED_FROM, value))
+    run = run_worker(tmp_path / "state", log, {}, tiny_serving(0, NUM_ITEMS), repartition=True,
+                     producer=LoopingProducer(log))
+    assert run.worker.metrics.totals["forwarded"] == 0 and run.worker.metrics.totals["events"] == 6
+    with StateStore(tmp_path / "state") as store:
+        assert store.get("u0").events == 6
+
+
 def sent(run: Run, topic: str) -> list:
     """(key, value, headers) of each message sent to ``topic``: "recommendations" or "dead_letter"."""
     name = getattr(run.worker.settings, f"topic_{topic}")

@@ -21,17 +21,19 @@ def test_a_micro_batch_and_a_sweep_step_feed_the_same_series():
     two_seconds_ago = int(time.time() * 1000) - 2000
     batch = BatchResult([], [rec("a", two_seconds_ago, "event")], applied=5, duplicates=2, unknown_items=1)
     bad = [Rejected("invalid_json", "", None, b"{", Source("in", 0, 9, -1))]
-    m.observe_batch_result(batch, bad, {"parse": 0.25, "produce": 0.5}, consumed=8)
+    m.observe_batch_result(batch, bad, {"parse": 0.25, "produce": 0.5}, consumed=12, forwarded=4)
     sweep = BatchResult([], [rec("b", -1, "model_swap"), rec("c", -1, "model_swap")], rebuilt=3)
     m.observe_batch_result(sweep)
-    assert m.totals == {"events": 5, "dead_letters": 1, "recommendations": 3, "duplicates": 2, "unknown_items": 1,
-                        "batches": 1}
+    assert m.totals == {"events": 5, "forwarded": 4, "dead_letters": 1, "recommendations": 3, "duplicates": 2,
+                        "unknown_items": 1, "batches": 1}
     assert m.stage_seconds == {"parse": 0.25, "produce": 0.5}
     # Latency only for the recommendation an event triggered (a swap's has no ingest time).
     p50, p99 = m.latency_quantiles()
     assert 1.9 < p50 == p99 < 10
     text = generate_latest(m.registry).decode()
+    assert "4 forwarded to their home partition" in m.summary(0)
     for line in ('linrec_events_total{outcome="applied"} 5.0', 'linrec_events_total{outcome="duplicate"} 2.0',
+                 'linrec_events_total{outcome="forwarded"} 4.0',
                  'linrec_dead_letters_total{reason="invalid_json"} 1.0', "linrec_recommendations_total 3.0",
                  "linrec_states_rebuilt_total 3.0", "linrec_batch_events_count 1.0",
                  "linrec_end_to_end_seconds_count 1.0"):
