@@ -258,16 +258,6 @@ def test_two_workers_share_the_partitions(stream: Stream, tmp_path: Path):
     check_outcome(stream, records)
 
 
-@BOTH_ENGINES
-def test_empty_state_dir_restores_from_the_changelog(stream: Stream, tmp_path: Path):
-    produce(stream, events=8_000, users=500, seed=4)
-    wait(start_worker(stream, tmp_path / "first"))
-    produce(stream, events=8_000, users=500, seed=5)  # more events, then a worker on a new machine
-    wait(start_worker(stream, tmp_path / "second", log_path=tmp_path / "second.log"))
-    assert "restored" in (tmp_path / "second.log").read_text()
-    check_outcome(stream, stored_records(tmp_path / "second"))
-
-
 def test_decaying_states_stream_exactly_like_the_parallel_form(stream: Stream, tmp_path: Path):
     # The same worker serving linrec_decay: each stored state, decayed event by event across
     # micro-batches (users sitting out a step must not decay), must equal the parallel encoding
@@ -413,8 +403,9 @@ def applied_order(stream: Stream) -> None:
 def test_a_fleet_of_mixed_partitioners_and_codecs_gives_each_user_one_state(stream: Stream, tmp_path: Path):
     # The same users from kafka-python (murmur2, as Java) and librdkafka (CRC32): about 3/4 of
     # librdkafka's events land off their user's home partition. The worker forwards those home,
-    # so every event is applied once, to one state per user; a worker on an empty state
-    # directory restores exactly that from the changelog.
+    # so every event is applied once, to one state per user; a worker on a new machine (an empty
+    # state directory) restores exactly that from the changelog, then applies the events
+    # produced since (this is also the suite's restore-on-an-empty-state-directory test).
     # librdkafka's batches come in every codec a Java or librdkafka producer uses in production
     # (one compressed producer used to stop the worker at its first poll, uncompressed events
     # included).
