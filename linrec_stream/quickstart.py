@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from linrec_stream.clients.connection import KafkaConnection
+from linrec_stream.contracts.topics import QUICKSTART_PREFIX as QS
 from linrec_stream.settings import Settings
 
 if TYPE_CHECKING:
@@ -64,9 +65,9 @@ def quickstart(settings: Settings, opts: QuickstartOptions, log: Log = print) ->
         log(f"[1/{steps}] Kafka at {KafkaConnection.from_settings(settings).describe()}"
             + (f" (started in {res.seconds:.1f}s)" if started_broker else " (already running)"))
     qs = settings.replace(
-        topic_interactions="quickstart-interactions", topic_recommendations="quickstart-recommendations",
-        topic_dead_letter="quickstart-interactions-dlq", topic_model_updates="quickstart-model-updates",
-        topic_state_changelog="quickstart-user-state-changelog", worker_group=f"quickstart-{uuid.uuid4().hex[:8]}",
+        topic_interactions=f"{QS}interactions", topic_recommendations=f"{QS}recommendations",
+        topic_dead_letter=f"{QS}interactions-dlq", topic_model_updates=f"{QS}model-updates",
+        topic_state_changelog=f"{QS}user-state-changelog", worker_group=f"{QS}{uuid.uuid4().hex[:8]}",
         state_dir=home / "state", summary_every_s=15.0, batch_size=512, batch_ms=50, registry_dir=home / "models",
         # The worker's /metrics on a free port: the hot swap is read off it (_wait_for_swap).
         metrics_port=_free_port(),

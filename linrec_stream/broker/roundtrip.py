@@ -7,6 +7,7 @@ import uuid
 from dataclasses import dataclass
 
 from linrec_stream.clients.connection import KafkaConnection
+from linrec_stream.contracts.topics import ROUNDTRIP_PREFIX
 from linrec_stream.settings import Settings
 
 
@@ -47,7 +48,7 @@ def roundtrip(settings: Settings, messages: int = 10_000, partitions: int = 3, t
     from kafka.admin import NewTopic
 
     connection = KafkaConnection.from_settings(settings)
-    topic = f"linrec-roundtrip-{uuid.uuid4().hex[:8]}"
+    topic = f"{ROUNDTRIP_PREFIX}{uuid.uuid4().hex[:8]}"
     admin = connection.admin()
     admin.create_topics([NewTopic(topic, partitions, 1)])
     try:

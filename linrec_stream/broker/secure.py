@@ -40,16 +40,12 @@ from pathlib import Path
 from typing import Any
 
 from linrec_stream.broker.errors import KafkaSetupError
+from linrec_stream.contracts.topics import QUICKSTART_PREFIX, ROUNDTRIP_PREFIX
 from linrec_stream.settings import Settings
 
 MECHANISM = "SCRAM-SHA-512"
 ADMIN, COMPONENTS, READER = "admin", "linrec", "reader"
 USERS = (ADMIN, COMPONENTS, READER)
-#: Topic and group name prefixes of project code that names its own, beside the topics of the
-#: settings: the quick start's topics and groups (quickstart.py, ``quickstart-...``) and the
-#: throw-away topic and group of ``kafka check`` (broker/roundtrip.py, ``linrec-roundtrip-...``).
-QUICKSTART_PREFIX = "quickstart-"
-ROUNDTRIP_PREFIX = "linrec-roundtrip-"
 #: The JAAS login modules of the two SASL mechanisms the broker uses.
 _SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
 _PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"

@@ -8,6 +8,12 @@ from typing import Mapping
 
 from linrec_stream.settings import Settings
 
+#: Name prefixes of the topics and groups that project code names for itself, beside those of the
+#: settings: the quick start's (``quickstart-interactions``, ...) and ``kafka check``'s throw-away
+#: topic and group. The secure broker grants on them (broker/secure.py).
+QUICKSTART_PREFIX = "quickstart-"
+ROUNDTRIP_PREFIX = "linrec-roundtrip-"
+
 #: Header of an interactions message the worker forwarded to its user's home partition: where
 #: the event was produced, ``"<partition>/<offset>"`` (consumers/worker.py, "Partitioning").
 FORWARDED_FROM = "linrec.forwarded-from"
